@@ -1,0 +1,1 @@
+"""Distillery services: one package per service, plus `common`."""

@@ -1,0 +1,140 @@
+"""The ``distillery`` command: run the platform, mint keys, run the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from services.common.kafka import TansuBroker, free_port
+from services.common.settings import Settings
+
+app = typer.Typer(
+    help="Distillery: turn production LLM traffic into smaller fine-tuned models.", no_args_is_help=True
+)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+console = Console()
+
+RUN_FILE = "run.json"
+
+
+def _settings(data_dir: Path, **overrides: object) -> Settings:
+    return Settings(data_dir=data_dir, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def start_embedded_kafka(settings: Settings) -> TansuBroker | None:
+    """Start Tansu unless an external Kafka was configured with DISTILLERY_KAFKA_URL."""
+    if os.environ.get("DISTILLERY_KAFKA_URL"):
+        return None
+    port = int(settings.kafka_url.rsplit(":", 1)[1])
+    try:
+        tansu = TansuBroker(port, log_path=settings.data_dir / "tansu.log")
+        tansu.start()
+    except RuntimeError:
+        tansu = TansuBroker(free_port(), log_path=settings.data_dir / "tansu.log")
+        tansu.start()
+    settings.kafka_url = tansu.url
+    return tansu
+
+
+@app.command()
+def up(
+    port: int = typer.Option(8080, help="HTTP port for every /api/v1 route."),
+    grpc_port: int = typer.Option(50051, help="gRPC port."),
+    data_dir: Path = typer.Option(Path(".distillery"), help="Where chDB, SQLite and blobs live."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+) -> None:
+    """Run every service in one process on embedded defaults (Tansu, chDB, SQLite, local blobs)."""
+    from services.platform import Platform, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(data_dir, http_port=port, grpc_port=grpc_port, http_host=host)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    tansu = start_embedded_kafka(settings)
+    run_file = settings.data_dir / RUN_FILE
+    run_file.write_text(json.dumps({"kafka_url": settings.kafka_url, "http_port": port, "pid": os.getpid()}))
+    console.print(
+        f"[bold green]Distillery[/] on http://{host}:{port}/api/v1 · gRPC {host}:{grpc_port} · "
+        f"Kafka {settings.kafka_url} · data in {settings.data_dir}"
+    )
+    try:
+        asyncio.run(serve(Platform(settings)))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        run_file.unlink(missing_ok=True)
+        if tansu:
+            tansu.stop()
+        console.print("Distillery stopped.")
+
+
+@keys_app.command("create")
+def keys_create(
+    project: str = typer.Option("default", help="Project name; created if it does not exist."),
+    data_dir: Path = typer.Option(Path(".distillery")),
+) -> None:
+    """Mint an API key for a project. The key is shown once; only its hash is stored."""
+    from services.api.projects import service as projects
+    from services.common.db import make_engine, make_sessionmaker, migrate
+
+    settings = _settings(data_dir)
+
+    async def create() -> tuple[str, str]:
+        url = settings.resolved_database_url()
+        await migrate(url)
+        engine = make_engine(url)
+        try:
+            async with make_sessionmaker(engine).begin() as session:
+                found = await projects.get_project_by_name(session=session, name=project)
+                found = found or await projects.create_project(session=session, name=project)
+                row, plain = await projects.add_api_key(session=session, project_id=found.id)
+            await _announce(settings, row)
+            return found.id, plain
+        finally:
+            await engine.dispose()
+
+    project_id, key = asyncio.run(create())
+    console.print(f"project [bold]{project}[/] ({project_id})")
+    console.print(f"API key: [bold]{key}[/]  (shown once)")
+
+
+async def _announce(settings: Settings, row: object) -> None:
+    """Tell a running platform about the new key; otherwise it is published on its next start."""
+    from services.api.projects import service as projects
+    from services.common.kafka import make_broker
+
+    run_file = settings.data_dir / RUN_FILE
+    kafka_url = os.environ.get("DISTILLERY_KAFKA_URL")
+    if not kafka_url and run_file.exists():
+        kafka_url = json.loads(run_file.read_text())["kafka_url"]
+    if not kafka_url:
+        return
+    broker = make_broker(kafka_url)
+    try:
+        await asyncio.wait_for(broker.start(), 10)
+        await projects.publish_keys(broker=broker, keys=[row])  # type: ignore[list-item]
+    except Exception:
+        console.print("[yellow]platform not reachable: the key becomes active at its next start[/]")
+    finally:
+        await broker.stop()
+
+
+@app.command()
+def demo(
+    logs: int = typer.Option(2000, help="How many sample calls to send."),
+    data_dir: Path = typer.Option(Path(".distillery/demo"), help="Data dir for the demo platform."),
+) -> None:
+    """Start the platform, send realistic sample traffic through the API and show what was captured."""
+    from services.demo import run_demo
+
+    asyncio.run(run_demo(data_dir=data_dir, n_logs=logs, console=console))
+
+
+if __name__ == "__main__":
+    app()

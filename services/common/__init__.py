@@ -1,0 +1,1 @@
+"""What every service shares: settings, events, stores, auth, errors, gRPC stubs."""

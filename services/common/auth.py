@@ -1,0 +1,72 @@
+"""API keys: minted once, stored only as a hash, resolved to a project on every request."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from fastapi import Request
+
+from services.common.errors import unauthorized
+from services.common.events import CatalogRecord
+
+API_KEY_PREFIX = "opk_"
+API_KEY_KIND = "api_key"
+
+
+def generate_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str) -> str:
+    """Keys are 256-bit random, so a plain SHA-256 is enough (no password-style stretching)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyRing:
+    """In-memory map of key hash → project id, kept current from ``catalog.v1``."""
+
+    def __init__(self) -> None:
+        self._projects_by_hash: dict[str, str] = {}
+
+    def apply(self, record: CatalogRecord) -> None:
+        if record.kind != API_KEY_KIND:
+            return
+        if record.deleted:
+            self._projects_by_hash.pop(record.id, None)
+        else:
+            self._projects_by_hash[record.id] = str(record.data["project_id"])
+
+    def add(self, key_hash: str, project_id: str) -> None:
+        self._projects_by_hash[key_hash] = project_id
+
+    def project_for(self, api_key: str) -> str | None:
+        return self._projects_by_hash.get(hash_api_key(api_key))
+
+    def __len__(self) -> int:
+        return len(self._projects_by_hash)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def resolve_project(keyring: KeyRing, authorization: str | None) -> str:
+    """The project owning the bearer key; a 401 that never echoes the key otherwise."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+    project_id = keyring.project_for(token)
+    if project_id is None:
+        raise unauthorized("Invalid API key.")
+    return project_id
+
+
+async def require_project(request: Request) -> str:
+    """FastAPI dependency: the caller's project id."""
+    return resolve_project(request.app.state.keyring, request.headers.get("authorization"))

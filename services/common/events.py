@@ -1,0 +1,79 @@
+"""Every Kafka payload, as a typed pydantic model. JSON-encoded on the wire.
+
+Each event carries a stable id so consumers can be idempotent. Producers outside
+Distillery (internal services publishing logs straight to Kafka) use the same
+schema: see ``docs/log-events.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LOGS_TOPIC = "logs.v1"
+CATALOG_TOPIC = "catalog.v1"
+
+ALL_TOPICS = (
+    LOGS_TOPIC,
+    CATALOG_TOPIC,
+    "relabel.requests.v1",
+    "relabel.results.v1",
+    "training.requests.v1",
+    "training.events.v1",
+    "eval.requests.v1",
+    "eval.events.v1",
+)
+
+
+def dlq_topic(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+class LogEvent(BaseModel):
+    """One captured LLM call on ``logs.v1`` (key: project id).
+
+    ``log_id`` is the idempotency key: the same id delivered twice is stored once.
+    Derived columns (model, tokens, cost, ...) are computed by the ClickHouse writer,
+    so producers only send what they observed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    log_id: str = Field(min_length=1, max_length=64)
+    project_id: str = Field(min_length=1, max_length=64)
+    source: Literal["openai", "anthropic"] = "openai"
+    requested_at: int = Field(description="unix ms when the call was made")
+    received_at: int = Field(description="unix ms when the response arrived")
+    req_payload: Any
+    resp_payload: Any = None
+    status_code: int | None = None
+    error_message: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    cache_hit: bool = False
+
+
+class CatalogRecord(BaseModel):
+    """A keyed, latest-value-wins record on ``catalog.v1`` (key: ``kind/id``)."""
+
+    kind: str
+    id: str
+    deleted: bool = False
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.id}"
+
+
+class DeadLetter(BaseModel):
+    """A message that could not be processed, parked on ``<topic>.dlq`` with the reason."""
+
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    key: str | None = None
+    payload: str
+    failed_at: int

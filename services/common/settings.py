@@ -1,0 +1,59 @@
+"""One settings class for every service; each backend is chosen by its URL.
+
+Environment variables use the prefix ``DISTILLERY_`` (``DISTILLERY_KAFKA_URL`` ...).
+The defaults are the embedded profile used by ``distillery up``: a Tansu broker on
+localhost, chDB, SQLite and a local blob folder under ``data_dir``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_", extra="ignore")
+
+    data_dir: Path = Path(".distillery")
+
+    # Kafka bootstrap servers, comma separated (``host:port``).
+    kafka_url: str = "localhost:9092"
+    # ``http(s)://user:pass@host:8123/db`` for a ClickHouse server, ``chdb:///path`` for chDB.
+    clickhouse_url: str = ""
+    # SQLAlchemy async URL: ``postgresql+asyncpg://...`` or ``sqlite+aiosqlite:///path``.
+    database_url: str = ""
+    # ``s3://access:secret@host:port/bucket`` (``s3+https://`` for TLS) or ``file:///path``.
+    blob_url: str = ""
+    # ``redis://host:6379/0``; empty means in-process.
+    redis_url: str = ""
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    grpc_port: int = 50051
+
+    # Creates a project owning this key on first start when no project exists.
+    bootstrap_api_key: SecretStr | None = None
+
+    max_body_bytes: int = 8 * 1024 * 1024
+
+    # ClickHouse writer batching: flush on this many rows or this many ms, whichever first.
+    log_batch_max_rows: int = 5000
+    log_batch_max_ms: int = 500
+    # How long the writer keeps retrying a failing ClickHouse insert before handing the batch
+    # back to Kafka (uncommitted) to be consumed again.
+    log_insert_retry_seconds: float = 60.0
+
+    # Consumer-group liveness; tests lower it so groups form fast.
+    kafka_heartbeat_ms: int = 3000
+    kafka_session_timeout_ms: int = 10000
+
+    def resolved_clickhouse_url(self) -> str:
+        return self.clickhouse_url or f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / 'catalog.db').resolve()}"
+
+    def resolved_blob_url(self) -> str:
+        return self.blob_url or f"file://{(self.data_dir / 'blobs').resolve()}"

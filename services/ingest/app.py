@@ -1,0 +1,27 @@
+"""Ingest wiring: routes, the ClickHouse writer, gRPC LogQuery."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from services.common.clickhouse import ClickHouse
+from services.ingest import store
+from services.ingest.consumers import register_log_writer
+from services.ingest.views import IngestDeps, router
+
+if TYPE_CHECKING:
+    from services.platform import Platform
+
+
+async def setup(platform: Platform) -> None:
+    settings = platform.settings
+    ch = ClickHouse(settings.resolved_clickhouse_url())
+    await store.create_schema(ch)
+    register_log_writer(platform.broker, ch, settings)
+    platform.routers.append(router)
+    platform.state["ingest"] = IngestDeps(broker=platform.broker, clickhouse=ch)
+
+    async def close() -> None:
+        ch.close()
+
+    platform.on_stop.append(close)

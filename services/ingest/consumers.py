@@ -1,0 +1,104 @@
+"""The ClickHouse writer: ``logs.v1`` → ``request_logs`` in batches.
+
+Offsets are committed only after the insert succeeds (FastStream acks a batch when
+the handler returns). While ClickHouse is down the handler retries with backoff, so
+consumption pauses; past ``log_insert_retry_seconds`` it raises, the batch is nacked
+(nothing committed) and consumed again. Re-delivered logs collapse by log id.
+Messages that can never be written go to ``logs.v1.dlq`` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiokafka import ConsumerRecord
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
+from pydantic import ValidationError
+
+from services.common.clickhouse import ClickHouse
+from services.common.events import LOGS_TOPIC, DeadLetter, LogEvent, dlq_topic
+from services.common.settings import Settings
+from services.ingest import store
+
+log = logging.getLogger(__name__)
+
+WRITER_GROUP = "ingest-clickhouse-writer"
+
+
+def dead_letter(record: ConsumerRecord, reason: str) -> DeadLetter:
+    value = record.value or b""
+    return DeadLetter(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        reason=reason[:2000],
+        key=record.key.decode(errors="replace") if record.key else None,
+        payload=value.decode(errors="replace"),
+        failed_at=int(time.time() * 1000),
+    )
+
+
+def rows_from_records(records: tuple[ConsumerRecord, ...]) -> tuple[list[list], list[DeadLetter]]:
+    rows, dead = [], []
+    now_ms = int(time.time() * 1000)
+    for record in records:
+        try:
+            event = LogEvent.model_validate_json(record.value or b"")
+            rows.append(store.event_to_row(event, now_ms))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "message"
+            dead.append(dead_letter(record, f"invalid log event: {where}: {first.get('msg')}"))
+        except Exception as exc:  # a payload the row builder cannot handle
+            dead.append(dead_letter(record, f"unprocessable log event: {type(exc).__name__}: {exc}"))
+    return rows, dead
+
+
+async def insert_with_retry(ch: ClickHouse, rows: list[list], *, give_up_after: float) -> None:
+    delay, deadline = 0.2, time.monotonic() + give_up_after
+    while True:
+        try:
+            await store.insert_rows(ch, rows)
+            return
+        except Exception as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("ClickHouse insert of %d rows failed (%s); retrying in %.1fs", len(rows), exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def register_log_writer(broker: KafkaBroker, ch: ClickHouse, settings: Settings) -> None:
+    @broker.subscriber(
+        LOGS_TOPIC,
+        batch=True,
+        group_id=WRITER_GROUP,
+        auto_offset_reset="earliest",
+        max_records=settings.log_batch_max_rows,
+        batch_timeout_ms=settings.log_batch_max_ms,
+        fetch_min_bytes=1024 * 1024,
+        fetch_max_wait_ms=settings.log_batch_max_ms,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        heartbeat_interval_ms=settings.kafka_heartbeat_ms,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+    )
+    async def write_logs(msg: KafkaMessage) -> None:
+        records: tuple[ConsumerRecord, ...] = msg.raw_message  # type: ignore[assignment]
+        rows, dead = rows_from_records(records)
+        for letter in dead:
+            await broker.publish(
+                letter.model_dump(mode="json"), dlq_topic(LOGS_TOPIC), key=letter.key and letter.key.encode()
+            )
+            log.error(
+                "log event at %s/%d@%d sent to DLQ: %s",
+                letter.topic,
+                letter.partition,
+                letter.offset,
+                letter.reason,
+            )
+        if rows:
+            await insert_with_retry(ch, rows, give_up_after=settings.log_insert_retry_seconds)

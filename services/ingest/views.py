@@ -1,0 +1,168 @@
+"""Ingest HTTP routes (thin): report calls, update metadata, search and export logs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from faststream.kafka import KafkaBroker
+
+from services.common.auth import require_project
+from services.common.clickhouse import ClickHouse
+from services.common.errors import APIError, bad_request, not_found, unavailable
+from services.common.events import LOGS_TOPIC, LogEvent
+from services.ingest import service, store
+from services.ingest.models import (
+    AnthropicReportRequest,
+    LogCount,
+    ReportRequest,
+    ReportResponse,
+    RequestLog,
+    RequestLogList,
+    UpdateMetadataRequest,
+    UpdateMetadataResponse,
+    UpdateTagsRequest,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["logs"])
+
+PAGE_PARAMS = ("limit", "cursor")
+MAX_PAGE = 1000
+
+
+@dataclass
+class IngestDeps:
+    broker: KafkaBroker
+    clickhouse: ClickHouse
+
+
+def deps(request: Request) -> IngestDeps:
+    return request.app.state.ingest
+
+
+async def publish_event(broker: KafkaBroker, event: LogEvent) -> None:
+    """Wait for the broker's ack: a 200 means the log is durable in Kafka."""
+    try:
+        await broker.publish(event.model_dump(mode="json"), LOGS_TOPIC, key=event.project_id.encode())
+    except Exception as exc:
+        log.warning("publishing log %s failed: %s", event.log_id, type(exc).__name__)
+        raise unavailable(
+            "The log could not be recorded: the event broker is unavailable. Retry later."
+        ) from exc
+
+
+async def _query(coro):  # type: ignore[no-untyped-def]
+    try:
+        return await coro
+    except APIError:
+        raise
+    except Exception as exc:
+        log.warning("ClickHouse query failed: %s", exc)
+        raise unavailable("The log store is unavailable. Retry later.") from exc
+
+
+@router.post("/report", response_model=ReportResponse)
+async def report(
+    body: ReportRequest, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
+) -> ReportResponse:
+    await publish_event(d.broker, service.report_to_event(body, project_id=project_id, source="openai"))
+    return ReportResponse()
+
+
+@router.post("/report-anthropic", response_model=ReportResponse)
+async def report_anthropic(
+    body: AnthropicReportRequest, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
+) -> ReportResponse:
+    await publish_event(d.broker, service.report_to_event(body, project_id=project_id, source="anthropic"))
+    return ReportResponse()
+
+
+@router.post("/logs/update-metadata", response_model=UpdateMetadataResponse)
+async def update_metadata(
+    body: UpdateMetadataRequest, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
+) -> UpdateMetadataResponse:
+    filters = service.filters_from_update(body.filters)
+    changes = {k: service.stringify(v) for k, v in body.metadata.items()}
+    matched = await _query(store.rewrite_metadata(d.clickhouse, project_id, filters, changes))
+    return UpdateMetadataResponse(matchedLogs=matched)
+
+
+@router.post("/logs/update-tags", response_model=UpdateMetadataResponse, deprecated=True)
+async def update_tags(
+    body: UpdateTagsRequest, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
+) -> UpdateMetadataResponse:
+    filters = service.filters_from_update(body.filters)
+    changes = {k: service.stringify(v) for k, v in body.tags.items()}
+    matched = await _query(store.rewrite_metadata(d.clickhouse, project_id, filters, changes))
+    return UpdateMetadataResponse(matchedLogs=matched)
+
+
+def _limit(request: Request, default: int, maximum: int) -> int:
+    raw = request.query_params.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise bad_request(f"limit must be an integer between 1 and {maximum}.", param="limit")
+    return int(raw)
+
+
+@router.get("/logs", response_model=RequestLogList)
+async def list_logs(
+    request: Request, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
+) -> RequestLogList:
+    filters = service.filters_from_query(request.query_params, allowed_extra=PAGE_PARAMS)
+    limit = _limit(request, 50, MAX_PAGE)
+    cursor = request.query_params.get("cursor")
+    rows = await _query(store.search(d.clickhouse, project_id, filters, limit=limit + 1, before_id=cursor))
+    page = rows[:limit]
+    has_more = len(rows) > limit
+    return RequestLogList(
+        data=[service.row_to_log(r) for r in page],
+        has_more=has_more,
+        next_cursor=page[-1]["log_id"] if has_more else None,
+    )
+
+
+@router.get("/logs/count", response_model=LogCount)
+async def count_logs(
+    request: Request, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
+) -> LogCount:
+    filters = service.filters_from_query(request.query_params)
+    return LogCount(count=await _query(store.count(d.clickhouse, project_id, filters)))
+
+
+@router.get("/logs/export")
+async def export_logs(
+    request: Request, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
+) -> StreamingResponse:
+    """JSONL, one ``{"input", "output", "tags"}`` line per log, streamed page by page."""
+    filters = service.filters_from_query(request.query_params, allowed_extra=("limit",))
+    limit = _limit(request, 10_000_000, 10_000_000) if "limit" in request.query_params else None
+    rows = service.iter_logs(d.clickhouse, project_id, filters, limit=limit)
+    first = await _query(anext(rows, None))  # fail with a clean 503 before the stream starts
+
+    async def lines() -> AsyncIterator[bytes]:
+        if first is None:
+            return
+        yield orjson.dumps(service.row_to_export(first)) + b"\n"
+        async for row in rows:
+            yield orjson.dumps(service.row_to_export(row)) + b"\n"
+
+    return StreamingResponse(
+        lines(),
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": 'attachment; filename="request-logs.jsonl"'},
+    )
+
+
+@router.get("/logs/{log_id}", response_model=RequestLog)
+async def get_log(
+    log_id: str, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
+) -> RequestLog:
+    row = await _query(store.get(d.clickhouse, project_id, log_id))
+    if row is None:
+        raise not_found(f"No log with id {log_id!r} in this project.", param="log_id")
+    return service.row_to_log(row)

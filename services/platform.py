@@ -1,0 +1,118 @@
+"""The composition root: assembles chosen services over one broker, one HTTP app, one gRPC server.
+
+``python -m services.<name>`` runs one service; ``distillery up`` runs them all in one
+process. Either way each service's ``setup(platform)`` adds its routes, Kafka
+subscribers, gRPC servicers and start/stop hooks here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import uvicorn
+from fastapi import APIRouter, FastAPI
+
+from services.common.auth import KeyRing
+from services.common.catalog import CatalogReader
+from services.common.errors import install_error_handlers
+from services.common.http import API_PREFIX, BodySizeLimit
+from services.common.kafka import ensure_topics, make_broker
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("api", "ingest")
+Hook = Callable[[], Awaitable[None]]
+
+
+class Platform:
+    def __init__(self, settings: Settings, services: tuple[str, ...] = SERVICES) -> None:
+        self.settings = settings
+        self.services = services
+        self.broker = make_broker(settings.kafka_url)
+        self.keyring = KeyRing()
+        self.catalog = CatalogReader(settings.kafka_url, [self.keyring.apply])
+        self.routers: list[APIRouter] = []
+        self.grpc_servicers: list[Callable[[grpc.aio.Server], None]] = []
+        self.on_started: list[Hook] = []  # after the broker and catalog are up
+        self.on_stop: list[Hook] = []
+        self.state: dict[str, Any] = {}
+        self.grpc_server: grpc.aio.Server | None = None
+        self.app = self._build_app()
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="Distillery", lifespan=self._lifespan)
+        install_error_handlers(app)
+        app.state.keyring = self.keyring
+        app.state.broker = self.broker
+
+        @app.get("/healthz", include_in_schema=False)
+        async def healthz() -> dict:
+            return {"status": "ok", "services": list(self.services)}
+
+        app.add_middleware(BodySizeLimit, max_bytes=self.settings.max_body_bytes)
+        return app
+
+    @asynccontextmanager
+    async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await ensure_topics(self.settings.kafka_url)
+        for name in self.services:
+            module = importlib.import_module(f"services.{name}.app")
+            await module.setup(self)
+        for router in self.routers:
+            self.app.include_router(router, prefix=API_PREFIX)
+        for key, value in self.state.items():
+            setattr(self.app.state, key, value)
+        await self.broker.start()
+        await self.catalog.start()
+        for hook in self.on_started:
+            await hook()
+        async with asyncio.timeout(30):
+            await self.catalog.wait_caught_up()
+        if self.grpc_servicers:
+            await self._start_grpc()
+        log.info("platform up: %s", ", ".join(self.services))
+
+    async def _start_grpc(self) -> None:
+        self.grpc_server = grpc.aio.server()
+        for add in self.grpc_servicers:
+            add(self.grpc_server)
+        address = f"{self.settings.http_host}:{self.settings.grpc_port}"
+        if self.grpc_server.add_insecure_port(address) == 0:
+            raise RuntimeError(f"cannot bind gRPC on {address}")
+        await self.grpc_server.start()
+
+    async def stop(self) -> None:
+        if self.grpc_server:
+            await self.grpc_server.stop(grace=2)
+        await self.broker.stop()
+        await self.catalog.stop()
+        for hook in reversed(self.on_stop):
+            await hook()
+
+
+async def serve(platform: Platform) -> None:
+    """Serve HTTP (and gRPC) until SIGINT/SIGTERM, then shut everything down cleanly."""
+    config = uvicorn.Config(
+        platform.app,
+        host=platform.settings.http_host,
+        port=platform.settings.http_port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
+    await uvicorn.Server(config).serve()
