@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from services.common.clickhouse import ClickHouse
+from services.ingest import grpc as log_query
 from services.ingest import store
 from services.ingest.consumers import register_log_writer
 from services.ingest.views import IngestDeps, router
@@ -20,6 +22,7 @@ async def setup(platform: Platform) -> None:
     register_log_writer(platform.broker, ch, settings)
     platform.routers.append(router)
     platform.state["ingest"] = IngestDeps(broker=platform.broker, clickhouse=ch)
+    platform.grpc_servicers.append(partial(log_query.add_to_server, clickhouse=ch, keyring=platform.keyring))
 
     async def close() -> None:
         ch.close()
