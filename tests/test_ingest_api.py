@@ -32,7 +32,9 @@ def openai_body(
         "object": "chat.completion",
         "created": now // 1000,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+        ],
         "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
     }
     return {"requestedAt": now, "receivedAt": now + 420, "reqPayload": request, "respPayload": response,
@@ -75,7 +77,8 @@ async def test_openpipe_sdk_report_is_captured_with_derived_fields(project: Proj
 
 async def test_failed_call_is_logged_with_its_error(project: Project) -> None:
     body = openai_body(status=429)
-    body["respPayload"] = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit"}}
+    error = {"message": "Rate limit reached", "type": "requests", "code": "rate_limit"}
+    body["respPayload"] = {"error": error}
     body["errorMessage"] = "Rate limit reached"
     async with project.client() as client:
         await report_all(client, [body])
@@ -100,7 +103,8 @@ async def test_anthropic_report_is_normalized_to_openai_shape(project: Project) 
         "respPayload": {
             "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-3-5-sonnet-20241022",
             "content": [{"type": "text", "text": "Checking."},
-                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}],
+                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                         "input": {"city": "Paris"}}],
             "stop_reason": "tool_use", "usage": {"input_tokens": 40, "output_tokens": 20},
         },
         "statusCode": 200,

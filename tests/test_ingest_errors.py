@@ -109,6 +109,7 @@ async def test_oversize_bodies_are_refused(project: Project, running) -> None:
             for _ in range(limit // 65536 + 2):
                 yield b"x" * 65536
 
-        streamed = await client.post("/report", content=chunks(), headers={"content-type": "application/json"})
+        json_type = {"content-type": "application/json"}
+        streamed = await client.post("/report", content=chunks(), headers=json_type)
         assert_error(streamed, 413)
         assert (await client.get("/logs/count")).json()["count"] == 0
