@@ -88,7 +88,10 @@ class Platform:
         log.info("platform up: %s", ", ".join(self.services))
 
     async def _start_grpc(self) -> None:
-        self.grpc_server = grpc.aio.server()
+        limit = self.settings.max_body_bytes * 4  # a log carries raw and normalized payloads
+        self.grpc_server = grpc.aio.server(
+            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        )
         for add in self.grpc_servicers:
             add(self.grpc_server)
         address = f"{self.settings.http_host}:{self.settings.grpc_port}"

@@ -73,8 +73,9 @@ class RunningPlatform:
 
 
 async def serve_in_background(platform: Platform) -> tuple[uvicorn.Server, asyncio.Task]:
-    config = uvicorn.Config(platform.app, host="127.0.0.1", port=platform.settings.http_port,
-                            log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        platform.app, host="127.0.0.1", port=platform.settings.http_port, log_level="warning", lifespan="on"
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 60
@@ -103,8 +104,9 @@ class Project:
     base_url: str
 
     def client(self, **kwargs: object) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.base_url, headers={"Authorization": f"Bearer {self.key}"},
-                                 timeout=30, **kwargs)
+        return httpx.AsyncClient(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30, **kwargs
+        )
 
 
 @pytest.fixture
@@ -141,8 +143,9 @@ async def wait_until(check: Callable[[], object], *, timeout: float = 20.0, what
         await asyncio.sleep(0.1)
 
 
-async def wait_for_count(client: httpx.AsyncClient, expected: int, *, params: dict | None = None,
-                         timeout: float = 20.0) -> int:
+async def wait_for_count(
+    client: httpx.AsyncClient, expected: int, *, params: dict | None = None, timeout: float = 20.0
+) -> int:
     """Poll ``/logs/count`` until it reaches ``expected``; returns the final count."""
     last = -1
 

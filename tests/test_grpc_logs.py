@@ -34,31 +34,56 @@ def test_committed_stubs_are_current(tmp_path: Path) -> None:
         )
 
 
-def openai_report(*, content: str, completion_id: str, model: str = "gpt-4o-mini", prompt_id: str = "x",
-                  requested_at: int) -> dict:
-    request = {"model": model, "messages": [{"role": "user", "content": content}],
-               "metadata": {"prompt_id": prompt_id}}
+def openai_report(
+    *, content: str, completion_id: str, model: str = "gpt-4o-mini", prompt_id: str = "x", requested_at: int
+) -> dict:
+    request = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "metadata": {"prompt_id": prompt_id},
+    }
     response = {
         "id": completion_id,
         "object": "chat.completion",
         "created": requested_at // 1000,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": f"re: {content}"},
-                     "finish_reason": "stop"}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"re: {content}"},
+                "finish_reason": "stop",
+            }
+        ],
         "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
     }
-    return {"requestedAt": requested_at, "receivedAt": requested_at + 250, "reqPayload": request,
-            "respPayload": response, "statusCode": 200}
+    return {
+        "requestedAt": requested_at,
+        "receivedAt": requested_at + 250,
+        "reqPayload": request,
+        "respPayload": response,
+        "statusCode": 200,
+    }
 
 
 def anthropic_report(*, requested_at: int) -> dict:
     return {
-        "requestedAt": requested_at, "receivedAt": requested_at + 300,
-        "reqPayload": {"model": "claude-3-5-sonnet-20241022", "max_tokens": 50, "system": "Be terse.",
-                       "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]},
-        "respPayload": {"id": "msg_grpc", "type": "message", "role": "assistant",
-                        "model": "claude-3-5-sonnet-20241022", "content": [{"type": "text", "text": "Hi."}],
-                        "stop_reason": "end_turn", "usage": {"input_tokens": 9, "output_tokens": 2}},
+        "requestedAt": requested_at,
+        "receivedAt": requested_at + 300,
+        "reqPayload": {
+            "model": "claude-3-5-sonnet-20241022",
+            "max_tokens": 50,
+            "system": "Be terse.",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}],
+        },
+        "respPayload": {
+            "id": "msg_grpc",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-3-5-sonnet-20241022",
+            "content": [{"type": "text", "text": "Hi."}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 9, "output_tokens": 2},
+        },
         "statusCode": 200,
         "metadata": {"prompt_id": "greet"},
     }
@@ -91,8 +116,15 @@ async def reported(project: Project) -> Project:
         openai_report(content=f"question {i}", completion_id=f"chatcmpl-grpc-{i}", requested_at=base + i)
         for i in range(3)
     ]
-    bodies.append(openai_report(content="other", completion_id="chatcmpl-grpc-other", model="gpt-4o",
-                                prompt_id="y", requested_at=base + 3))
+    bodies.append(
+        openai_report(
+            content="other",
+            completion_id="chatcmpl-grpc-other",
+            model="gpt-4o",
+            prompt_id="y",
+            requested_at=base + 3,
+        )
+    )
     async with project.client() as client:
         for body in bodies:
             assert (await client.post("/report", json=body)).status_code == 200

@@ -37,8 +37,13 @@ def openai_body(
         ],
         "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
     }
-    return {"requestedAt": now, "receivedAt": now + 420, "reqPayload": request, "respPayload": response,
-            "statusCode": status}
+    return {
+        "requestedAt": now,
+        "receivedAt": now + 420,
+        "reqPayload": request,
+        "respPayload": response,
+        "statusCode": status,
+    }
 
 
 async def report_all(client, bodies: list[dict], route: str = "/report") -> None:
@@ -50,11 +55,17 @@ async def report_all(client, bodies: list[dict], route: str = "/report") -> None
 
 async def test_openpipe_sdk_report_is_captured_with_derived_fields(project: Project) -> None:
     op = AsyncOpenPipe(api_key=project.key, base_url=project.base_url)
-    body = openai_body(completion_id="chatcmpl-sdk-1", model="gpt-4o-2024-08-06",
-                       metadata={"prompt_id": "counting"})
-    await op.report(requested_at=body["requestedAt"], received_at=body["receivedAt"],
-                    req_payload=body["reqPayload"], resp_payload=body["respPayload"], status_code=200,
-                    tags={"any_key": "any_value", "n": 3})
+    body = openai_body(
+        completion_id="chatcmpl-sdk-1", model="gpt-4o-2024-08-06", metadata={"prompt_id": "counting"}
+    )
+    await op.report(
+        requested_at=body["requestedAt"],
+        received_at=body["receivedAt"],
+        req_payload=body["reqPayload"],
+        resp_payload=body["respPayload"],
+        status_code=200,
+        tags={"any_key": "any_value", "n": 3},
+    )
     async with project.client() as client:
         await wait_for_count(client, 1)
         logs = (await client.get("/logs", params={"completionId": "chatcmpl-sdk-1"})).json()["data"]
@@ -93,19 +104,32 @@ async def test_failed_call_is_logged_with_its_error(project: Project) -> None:
 async def test_anthropic_report_is_normalized_to_openai_shape(project: Project) -> None:
     now = int(time.time() * 1000)
     body = {
-        "requestedAt": now, "receivedAt": now + 900,
+        "requestedAt": now,
+        "receivedAt": now + 900,
         "reqPayload": {
-            "model": "claude-3-5-sonnet-20241022", "max_tokens": 100, "system": "You are terse.",
+            "model": "claude-3-5-sonnet-20241022",
+            "max_tokens": 100,
+            "system": "You are terse.",
             "messages": [{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]}],
-            "tools": [{"name": "get_weather", "description": "Weather",
-                       "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+            "tools": [
+                {
+                    "name": "get_weather",
+                    "description": "Weather",
+                    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+                }
+            ],
         },
         "respPayload": {
-            "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-3-5-sonnet-20241022",
-            "content": [{"type": "text", "text": "Checking."},
-                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-                         "input": {"city": "Paris"}}],
-            "stop_reason": "tool_use", "usage": {"input_tokens": 40, "output_tokens": 20},
+            "id": "msg_01",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-3-5-sonnet-20241022",
+            "content": [
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+            ],
+            "stop_reason": "tool_use",
+            "usage": {"input_tokens": 40, "output_tokens": 20},
         },
         "statusCode": 200,
         "metadata": {"prompt_id": "weather", "flag": True},
@@ -133,10 +157,14 @@ async def test_anthropic_report_is_normalized_to_openai_shape(project: Project) 
 async def test_search_filters_and_cursor_pagination(project: Project) -> None:
     base = int(time.time() * 1000) - 100_000
     bodies = [
-        openai_body(content=f"question {i} about invoices" if i % 2 else f"question {i} about refunds",
-                    answer="As an AI language model" if i % 5 == 0 else f"answer {i}",
-                    model="gpt-4o" if i < 6 else "gpt-4o-mini", completion_id=f"c-{i}",
-                    metadata={"prompt_id": f"p{i % 3}"}, requested_at=base + i * 1000)
+        openai_body(
+            content=f"question {i} about invoices" if i % 2 else f"question {i} about refunds",
+            answer="As an AI language model" if i % 5 == 0 else f"answer {i}",
+            model="gpt-4o" if i < 6 else "gpt-4o-mini",
+            completion_id=f"c-{i}",
+            metadata={"prompt_id": f"p{i % 3}"},
+            requested_at=base + i * 1000,
+        )
         for i in range(12)
     ]
     async with project.client() as client:
@@ -189,15 +217,23 @@ async def test_export_streams_documented_shape(project: Project) -> None:
 
 
 async def test_update_metadata_merges_deletes_and_counts(project: Project) -> None:
-    bodies = [openai_body(completion_id=f"m-{i}", model="gpt-4o-mini" if i < 3 else "gpt-4o",
-                          metadata={"prompt_id": "counting", "tag_to_remove": "x"}) for i in range(5)]
+    bodies = [
+        openai_body(
+            completion_id=f"m-{i}",
+            model="gpt-4o-mini" if i < 3 else "gpt-4o",
+            metadata={"prompt_id": "counting", "tag_to_remove": "x"},
+        )
+        for i in range(5)
+    ]
     op = AsyncOpenPipe(api_key=project.key, base_url=project.base_url)
     async with project.client() as client:
         await report_all(client, bodies)
         await wait_for_count(client, 5)
         result = await op.update_log_metadata(
-            filters=[UpdateLogTagsRequestFiltersItem(field="model", equals="gpt-4o-mini"),
-                     UpdateLogTagsRequestFiltersItem(field="metadata.prompt_id", equals="counting")],
+            filters=[
+                UpdateLogTagsRequestFiltersItem(field="model", equals="gpt-4o-mini"),
+                UpdateLogTagsRequestFiltersItem(field="metadata.prompt_id", equals="counting"),
+            ],
             metadata={"relabel": "true", "tag_to_remove": None, "score": 7},
         )
         assert result.matched_logs == 3
@@ -206,11 +242,15 @@ async def test_update_metadata_merges_deletes_and_counts(project: Project) -> No
         untouched = (await client.get("/logs", params={"completionId": "m-4"})).json()["data"][0]
         assert untouched["metadata"] == {"prompt_id": "counting", "tag_to_remove": "x"}
         # the deprecated alias, and an update no log matches
-        alias = await client.post("/logs/update-tags", json={
-            "filters": [{"field": "completionId", "equals": "m-4"}], "tags": {"checked": True}})
+        alias = await client.post(
+            "/logs/update-tags",
+            json={"filters": [{"field": "completionId", "equals": "m-4"}], "tags": {"checked": True}},
+        )
         assert alias.json() == {"matchedLogs": 1}
-        none = await client.post("/logs/update-metadata", json={
-            "filters": [{"field": "completionId", "equals": "nope"}], "metadata": {"a": "b"}})
+        none = await client.post(
+            "/logs/update-metadata",
+            json={"filters": [{"field": "completionId", "equals": "nope"}], "metadata": {"a": "b"}},
+        )
         assert none.json() == {"matchedLogs": 0}
         # updates are new versions of the row: still 5 logs, never duplicates
         assert (await client.get("/logs/count")).json()["count"] == 5

@@ -40,8 +40,10 @@ async def test_one_project_never_sees_another(make_project) -> None:
         assert (await client_b.get("/logs/count")).json()["count"] == 0
         assert_error(await client_b.get(f"/logs/{log_id}"), 404)
         assert (await client_b.get("/logs/export")).text == ""
-        update = await client_b.post("/logs/update-metadata", json={
-            "filters": [{"field": "completionId", "equals": "secret-a"}], "metadata": {"who": "b"}})
+        update = await client_b.post(
+            "/logs/update-metadata",
+            json={"filters": [{"field": "completionId", "equals": "secret-a"}], "metadata": {"who": "b"}},
+        )
         assert update.json() == {"matchedLogs": 0}
         assert (await client_a.get(f"/logs/{log_id}")).json()["metadata"] == {"who": "a"}
 
@@ -54,7 +56,7 @@ async def test_one_project_never_sees_another(make_project) -> None:
         (b'{"requestedAt": [1]}', {"content-type": "application/json"}, ["requestedAt"]),
         (b'{"tags": {"bad tag!": "x"}}', {"content-type": "application/json"}, ["bad tag!"]),
         (b'{"tags": {"k": {"nested": 1}}}', {"content-type": "application/json"}, ["tags.k"]),
-        (b'[1, 2, 3]', {"content-type": "application/json"}, ["Input validation failed"]),
+        (b"[1, 2, 3]", {"content-type": "application/json"}, ["Input validation failed"]),
     ],
 )
 async def test_bad_report_bodies_are_400_and_write_nothing(

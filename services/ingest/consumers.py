@@ -71,11 +71,18 @@ async def insert_with_retry(ch: ClickHouse, rows: list[list], *, give_up_after: 
             delay = min(delay * 2, 5.0)
 
 
-def register_log_writer(broker: KafkaBroker, ch: ClickHouse, settings: Settings) -> None:
+def register_log_writer(
+    broker: KafkaBroker,
+    ch: ClickHouse,
+    settings: Settings,
+    *,
+    topic: str = LOGS_TOPIC,
+    group_id: str = WRITER_GROUP,
+) -> None:
     @broker.subscriber(
-        LOGS_TOPIC,
+        topic,
         batch=True,
-        group_id=WRITER_GROUP,
+        group_id=group_id,
         auto_offset_reset="earliest",
         max_records=settings.log_batch_max_rows,
         batch_timeout_ms=settings.log_batch_max_ms,
@@ -91,7 +98,7 @@ def register_log_writer(broker: KafkaBroker, ch: ClickHouse, settings: Settings)
         rows, dead = rows_from_records(records)
         for letter in dead:
             await broker.publish(
-                letter.model_dump(mode="json"), dlq_topic(LOGS_TOPIC), key=letter.key and letter.key.encode()
+                letter.model_dump(mode="json"), dlq_topic(topic), key=letter.key and letter.key.encode()
             )
             log.error(
                 "log event at %s/%d@%d sent to DLQ: %s",

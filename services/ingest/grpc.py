@@ -15,13 +15,13 @@ from services.common.auth import KeyRing, resolve_project
 from services.common.clickhouse import ClickHouse
 from services.common.errors import APIError
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
-from services.ingest import store
+from services.ingest import service, store
 from services.ingest.store import LogFilters
 
 log = logging.getLogger(__name__)
 
 STATUSES = ("success", "error", "pending")
-PAGE_SIZE = 500
+
 STORE_UNAVAILABLE = "The log store is unavailable. Retry later."
 
 
@@ -74,25 +74,6 @@ def row_to_proto(row: dict) -> logs_pb2.RequestLog:
     )
 
 
-async def iter_logs(
-    ch: ClickHouse, project_id: str, filters: LogFilters, *, limit: int | None, before_id: str | None
-) -> AsyncIterator[dict]:
-    """Matching rows newest first, page by page, starting below ``before_id`` when given.
-
-    ``service.iter_logs`` with a starting cursor, which it does not take yet.
-    """
-    cursor, sent = before_id or None, 0
-    while limit is None or sent < limit:
-        size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - sent)
-        rows = await store.search(ch, project_id, filters, limit=size, before_id=cursor)
-        for row in rows:
-            yield row
-        sent += len(rows)
-        if len(rows) < size:
-            return
-        cursor = rows[-1]["log_id"]
-
-
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key.lower() == "authorization":
@@ -122,7 +103,7 @@ class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
     ) -> AsyncIterator[logs_pb2.RequestLog]:
         project_id = await self._project(context)
         filters = await self._filters(request.filters, context)
-        rows = iter_logs(
+        rows = service.iter_logs(
             self.clickhouse, project_id, filters, limit=request.limit or None, before_id=request.before_id
         )
         try:

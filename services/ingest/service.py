@@ -174,10 +174,16 @@ def row_to_export(row: dict) -> dict:
 
 
 async def iter_logs(
-    ch: ClickHouse, project_id: str, filters: LogFilters, *, page_size: int = 1000, limit: int | None = None
+    ch: ClickHouse,
+    project_id: str,
+    filters: LogFilters,
+    *,
+    page_size: int = 1000,
+    limit: int | None = None,
+    before_id: str | None = None,
 ) -> AsyncIterator[dict]:
-    """Every matching row, newest first, fetched page by page."""
-    cursor, sent = None, 0
+    """Every matching row, newest first, fetched page by page, starting below ``before_id`` if given."""
+    cursor, sent = before_id or None, 0
     while limit is None or sent < limit:
         size = page_size if limit is None else min(page_size, limit - sent)
         rows = await store.search(ch, project_id, filters, limit=size, before_id=cursor)

@@ -1,0 +1,244 @@
+"""The Kafka → ClickHouse writer: direct publishers, poison messages, idempotency, outages, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from examples.publish_logs import log_event, publish
+from services.common.clickhouse import ClickHouse
+from services.common.events import LOGS_TOPIC, DeadLetter, dlq_topic
+from services.common.kafka import ensure_topics, make_broker
+from services.ingest import store
+from services.ingest.consumers import WRITER_GROUP, register_log_writer
+from tests.conftest import Project, wait_for_count, wait_until
+
+REQUEST = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+RESPONSE = {
+    "id": "chatcmpl-direct",
+    "object": "chat.completion",
+    "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+}
+
+
+def events_for(project_id: str, n: int, **metadata: str) -> list[dict]:
+    return [
+        log_event(project_id, REQUEST, RESPONSE, latency_ms=200, metadata={"i": str(i), **metadata})
+        for i in range(n)
+    ]
+
+
+async def send_raw(kafka_url: str, topic: str, values: list[bytes], key: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_url, enable_idempotence=False)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(kafka_url: str, topic: str) -> list[bytes]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_url, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        if not partitions:
+            await consumer.topics()
+            partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        values: list[bytes] = []
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                values += [r.value for r in records]
+        return values
+    finally:
+        await consumer.stop()
+
+
+async def committed_total(kafka_url: str, group: str, topic: str) -> int:
+    """Sum of the group's committed offsets on ``topic`` (read without joining the group)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_url, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        return sum([max(await consumer.committed(tp) or 0, 0) for tp in partitions])
+    finally:
+        await consumer.stop()
+
+
+async def test_direct_kafka_publish_is_queryable(project: Project, running) -> None:
+    await publish(running.settings.kafka_url, events_for(project.id, 25, source="direct"))
+    async with project.client() as client:
+        assert await wait_for_count(client, 25, params={"metadata.source": "direct"}) == 25
+        log = (await client.get("/logs", params={"limit": 1})).json()["data"][0]
+    assert log["model"] == "gpt-4o-mini" and log["latencyMs"] == 200 and log["usage"]["total_tokens"] == 6
+
+
+async def test_redelivered_events_are_stored_once(project: Project, running) -> None:
+    events = events_for(project.id, 10)
+    for _ in range(3):
+        await publish(running.settings.kafka_url, events)
+    async with project.client() as client:
+        await wait_for_count(client, 10)
+        await asyncio.sleep(1.0)  # give any duplicate time to land
+        assert (await client.get("/logs/count")).json()["count"] == 10
+
+
+async def test_poison_messages_go_to_the_dlq_and_do_not_block(project: Project, running) -> None:
+    marker = secrets.token_hex(8)
+    good = [orjson.dumps(e) for e in events_for(project.id, 3, marker=marker)]
+    missing_field = orjson.loads(good[0])
+    del missing_field["requested_at"]
+    missing_field["log_id"] = f"bad-{marker}-1"
+    wrong_type = {**orjson.loads(good[1]), "log_id": f"bad-{marker}-2", "received_at": "noon"}
+    unknown_field = {**orjson.loads(good[2]), "log_id": f"bad-{marker}-3", "colour": "red"}
+    poison = [
+        b"not json " + marker.encode(),
+        orjson.dumps(missing_field),
+        orjson.dumps(wrong_type),
+        orjson.dumps(unknown_field),
+    ]
+    await send_raw(
+        running.settings.kafka_url,
+        LOGS_TOPIC,
+        [poison[0], good[0], poison[1], poison[2], good[1], poison[3], good[2]],
+        key=project.id.encode(),
+    )
+    async with project.client() as client:
+        assert await wait_for_count(client, 3) == 3
+
+    async def parked() -> list[DeadLetter]:
+        letters = [
+            DeadLetter.model_validate_json(v)
+            for v in await read_topic(running.settings.kafka_url, dlq_topic(LOGS_TOPIC))
+        ]
+        return [d for d in letters if marker in d.payload]
+
+    await wait_until(lambda: _has_n(parked, 4), what="4 dead letters")
+    reasons = {d.offset: d.reason for d in await parked()}
+    assert len(reasons) == 4
+    joined = " | ".join(reasons.values())
+    assert "requested_at" in joined and "received_at" in joined and "colour" in joined
+    assert any("invalid log event" in r for r in reasons.values())
+
+
+async def _has_n(fetch, n: int) -> bool:
+    return len(await fetch()) >= n
+
+
+async def test_clickhouse_outage_pauses_writes_and_loses_nothing(project: Project, running) -> None:
+    ch: ClickHouse = running.platform.state["ingest"].clickhouse
+    table, away = f"{ch.database}.{store.TABLE}", f"{ch.database}.{store.TABLE}_offline"
+    kafka_url = running.settings.kafka_url
+    committed_before = await committed_total(kafka_url, WRITER_GROUP, LOGS_TOPIC)
+    await ch.command(f"RENAME TABLE {table} TO {away}")
+    try:
+        await publish(kafka_url, events_for(project.id, 40, phase="outage"))
+        async with project.client() as client:
+            # reads fail cleanly while the store is gone
+            response = await client.get("/logs/count")
+            assert response.status_code == 503
+            assert "log store is unavailable" in response.json()["message"]
+        # longer than the writer's retry window, so the batch is also handed back to Kafka
+        await asyncio.sleep(running.settings.log_insert_retry_seconds + 2)
+        assert await committed_total(kafka_url, WRITER_GROUP, LOGS_TOPIC) == committed_before
+    finally:
+        await ch.command(f"RENAME TABLE {away} TO {table}")
+    async with project.client() as client:
+        assert await wait_for_count(client, 40, timeout=40) == 40
+        await asyncio.sleep(0.5)
+        assert (await client.get("/logs/count")).json()["count"] == 40
+    await wait_until(lambda: _committed_at_least(kafka_url, committed_before + 40), what="offsets committed")
+
+
+async def _committed_at_least(kafka_url: str, n: int) -> bool:
+    return await committed_total(kafka_url, WRITER_GROUP, LOGS_TOPIC) >= n
+
+
+class Killed(BaseException):
+    """Not an Exception: nothing acks, nacks or retries; the consuming task just dies."""
+
+
+class DieAfterInsert(ClickHouse):
+    """A real ClickHouse handle whose writer dies right after the insert, before the commit."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.inserted = asyncio.Event()
+
+    async def insert(self, *args, **kwargs) -> None:  # type: ignore[override]
+        await super().insert(*args, **kwargs)
+        self.inserted.set()
+        raise Killed
+
+
+async def test_writer_killed_between_insert_and_commit(project: Project, running, chdb_url: str) -> None:
+    kafka_url, settings = running.settings.kafka_url, running.settings
+    topic, group = f"logs.crash.{secrets.token_hex(4)}", f"writer-crash-{secrets.token_hex(4)}"
+    await ensure_topics(kafka_url, [topic, dlq_topic(topic)])
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_url, enable_idempotence=False)
+    await producer.start()
+    for event in events_for(project.id, 30):
+        await producer.send_and_wait(topic, orjson.dumps(event), key=project.id.encode())
+
+    dying_ch = DieAfterInsert(chdb_url)
+    first = make_broker(kafka_url)
+    register_log_writer(first, dying_ch, settings, topic=topic, group_id=group)
+    await first.start()
+    await asyncio.wait_for(dying_ch.inserted.wait(), 30)
+    await asyncio.wait_for(first.stop(), 10)  # the process is gone; it committed nothing
+    async with project.client() as client:
+        assert (await client.get("/logs/count")).json()["count"] == 30  # the insert did land
+    assert await committed_total(kafka_url, group, topic) == 0
+
+    second = make_broker(kafka_url)
+    register_log_writer(second, ClickHouse(chdb_url), settings, topic=topic, group_id=group)
+    await second.start()
+    try:
+        async with project.client() as client:
+            assert await wait_for_count(client, 30, timeout=40) == 30
+            for event in events_for(project.id, 5):
+                await producer.send_and_wait(topic, orjson.dumps(event), key=project.id.encode())
+            assert await wait_for_count(client, 35, timeout=40) == 35
+            await asyncio.sleep(0.5)
+            assert (await client.get("/logs/count")).json()["count"] == 35  # no duplicates visible
+        await wait_until(lambda: _group_committed(kafka_url, group, topic, 35), what="offsets committed")
+    finally:
+        await second.stop()
+        await producer.stop()
+
+
+async def _group_committed(kafka_url: str, group: str, topic: str, n: int) -> bool:
+    return await committed_total(kafka_url, group, topic) >= n
+
+
+def test_event_rows_derive_status_and_cost() -> None:
+    event = log_event("p", REQUEST, RESPONSE, latency_ms=100, metadata={})
+    from services.common.events import LogEvent
+
+    row = dict(
+        zip(
+            store.COLUMNS,
+            store.event_to_row(LogEvent.model_validate(event), now_ms=int(time.time() * 1000)),
+            strict=True,
+        )
+    )
+    assert row["status"] == "success" and row["completion_id"] == "chatcmpl-direct"
+    assert row["cost_usd"] == (5 * 0.15 + 1 * 0.60) / 1e6
+    failed = LogEvent.model_validate(
+        {**event, "status_code": 500, "resp_payload": {"error": {"message": "x"}}}
+    )
+    failed_row = dict(zip(store.COLUMNS, store.event_to_row(failed), strict=True))
+    assert failed_row["status"] == "error" and failed_row["cost_usd"] is None
+    pending = LogEvent.model_validate({**event, "status_code": None, "resp_payload": None})
+    assert dict(zip(store.COLUMNS, store.event_to_row(pending), strict=True))["status"] == "pending"
