@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import typer
@@ -133,6 +134,8 @@ def demo(
     """Start the platform, send realistic sample traffic through the API and show what was captured."""
     from services.demo import run_demo
 
+    shutil.rmtree(data_dir, ignore_errors=True)  # the demo always starts from nothing
+    data_dir.mkdir(parents=True)
     asyncio.run(run_demo(data_dir=data_dir, n_logs=logs, console=console))
 
 

@@ -100,12 +100,24 @@ class Platform:
         await self.grpc_server.start()
 
     async def stop(self) -> None:
+        """Stop every part even if some cannot stop cleanly (say, the broker is already gone)."""
         if self.grpc_server:
-            await self.grpc_server.stop(grace=2)
-        await self.broker.stop()
-        await self.catalog.stop()
+            await _stop_quietly("gRPC server", self.grpc_server.stop(grace=2))
+        await _stop_quietly("Kafka clients", self.broker.stop())
+        await _stop_quietly("catalog reader", self.catalog.stop())
         for hook in reversed(self.on_stop):
-            await hook()
+            await _stop_quietly(hook.__qualname__, hook())
+
+
+async def _stop_quietly(what: str, stopping: Awaitable[object], timeout: float = 10.0) -> None:
+    task = asyncio.ensure_future(stopping)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        log.warning("stopping %s took longer than %.0fs; abandoned", what, timeout)
+    elif not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        log.warning("stopping %s failed: %s: %s", what, type(exc).__name__, exc)
 
 
 async def serve(platform: Platform) -> None:

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     bootstrap_api_key: SecretStr | None = None
 
     max_body_bytes: int = 8 * 1024 * 1024
+    # A report is acknowledged only once Kafka has it; past this the client gets a 503 to retry.
+    publish_timeout_seconds: float = 10.0
 
     # ClickHouse writer batching: flush on this many rows or this many ms, whichever first.
     log_batch_max_rows: int = 5000

@@ -21,7 +21,9 @@ async def setup(platform: Platform) -> None:
     await store.create_schema(ch)
     register_log_writer(platform.broker, ch, settings)
     platform.routers.append(router)
-    platform.state["ingest"] = IngestDeps(broker=platform.broker, clickhouse=ch)
+    platform.state["ingest"] = IngestDeps(
+        broker=platform.broker, clickhouse=ch, publish_timeout=settings.publish_timeout_seconds
+    )
     platform.grpc_servicers.append(partial(log_query.add_to_server, clickhouse=ch, keyring=platform.keyring))
 
     async def close() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,16 +40,18 @@ MAX_PAGE = 1000
 class IngestDeps:
     broker: KafkaBroker
     clickhouse: ClickHouse
+    publish_timeout: float
 
 
 def deps(request: Request) -> IngestDeps:
     return request.app.state.ingest
 
 
-async def publish_event(broker: KafkaBroker, event: LogEvent) -> None:
+async def publish_event(d: IngestDeps, event: LogEvent) -> None:
     """Wait for the broker's ack: a 200 means the log is durable in Kafka."""
     try:
-        await broker.publish(event.model_dump(mode="json"), LOGS_TOPIC, key=event.project_id.encode())
+        async with asyncio.timeout(d.publish_timeout):
+            await d.broker.publish(event.model_dump(mode="json"), LOGS_TOPIC, key=event.project_id.encode())
     except Exception as exc:
         log.warning("publishing log %s failed: %s", event.log_id, type(exc).__name__)
         raise unavailable(
@@ -70,7 +73,7 @@ async def _query(coro):  # type: ignore[no-untyped-def]
 async def report(
     body: ReportRequest, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
 ) -> ReportResponse:
-    await publish_event(d.broker, service.report_to_event(body, project_id=project_id, source="openai"))
+    await publish_event(d, service.report_to_event(body, project_id=project_id, source="openai"))
     return ReportResponse()
 
 
@@ -78,7 +81,7 @@ async def report(
 async def report_anthropic(
     body: AnthropicReportRequest, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
 ) -> ReportResponse:
-    await publish_event(d.broker, service.report_to_event(body, project_id=project_id, source="anthropic"))
+    await publish_event(d, service.report_to_event(body, project_id=project_id, source="anthropic"))
     return ReportResponse()
 
 

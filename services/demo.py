@@ -1,0 +1,161 @@
+"""``distillery demo``: the main job on embedded defaults, end to end, in one command.
+
+Starts the platform (Tansu, chDB, SQLite, local blobs), sends realistic sample traffic
+through the public API, waits until every call is queryable and shows what was captured.
+Each later capability extends this until it runs the whole loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import orjson
+import uvicorn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from services.common.kafka import TansuBroker, free_port
+from services.common.settings import Settings
+from services.ingest.sample_traffic import sample_reports
+from services.platform import Platform
+
+CONCURRENCY = 32
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+async def _send_traffic(client: httpx.AsyncClient, n_logs: int, progress: Progress) -> int:
+    reports = sample_reports(n_logs, seed=int(time.time()), anthropic_share=0.1)
+    task = progress.add_task("sending calls to /report", total=len(reports))
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in reports:
+        queue.put_nowait(item)
+    failures = 0
+
+    async def worker() -> None:
+        nonlocal failures
+        while not queue.empty():
+            route, body = queue.get_nowait()
+            response = await client.post(route, json=body)
+            failures += response.status_code != 200
+            progress.advance(task)
+
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return failures
+
+
+async def _wait_captured(client: httpx.AsyncClient, expected: int, progress: Progress) -> None:
+    task = progress.add_task("captured in ClickHouse", total=expected)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        count = (await client.get("/logs/count")).json()["count"]
+        progress.update(task, completed=count)
+        if count >= expected:
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"only {count} of {expected} logs were captured within 120s")
+
+
+def _summary(lines: list[dict]) -> Table:
+    stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for line in lines:
+        output = line["output"] or {}
+        model = (line["input"] or {}).get("model", "?")
+        row = stats[model]
+        row["calls"] += 1
+        row["errors"] += "error" in output
+        usage = output.get("usage") or {}
+        row["tokens"] += usage.get("total_tokens", 0)
+    table = Table(title="Captured request logs (from GET /logs/export)")
+    for column in ("model", "calls", "errors", "tokens"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for model, row in sorted(stats.items(), key=lambda kv: -kv[1]["calls"]):
+        table.add_row(model, f"{row['calls']:.0f}", f"{row['errors']:.0f}", f"{row['tokens']:,.0f}")
+    return table
+
+
+async def _show_capabilities(client: httpx.AsyncClient, console: Console) -> None:
+    lines = [orjson.loads(x) for x in (await client.get("/logs/export")).text.splitlines()]
+    console.print(_summary(lines))
+    newest = (await client.get("/logs", params={"limit": 1})).json()["data"][0]
+    console.print(
+        f"newest log [bold]{newest['id']}[/]: {newest['model']} · {newest['latencyMs']} ms · "
+        f"{newest['usage']['total_tokens']} tokens · cost ${newest['cost'] or 0:.6f} · "
+        f"metadata {newest['metadata']}"
+    )
+    errors = (await client.get("/logs/count", params={"status": "error"})).json()["count"]
+    sql = (await client.get("/logs/count", params={"metadata.prompt_id": "sql-gen-v2"})).json()["count"]
+    console.print(f"search: {errors} failed calls · {sql} calls with metadata.prompt_id=sql-gen-v2")
+    tagged = await client.post(
+        "/logs/update-metadata",
+        json={
+            "filters": [{"field": "metadata.customer_tier", "equals": "enterprise"}],
+            "metadata": {"relabel": "true"},
+        },
+    )
+    console.print(f"update-metadata: tagged {tagged.json()['matchedLogs']} enterprise calls relabel=true")
+
+
+async def run_demo(*, data_dir: Path, n_logs: int, console: Console) -> None:
+    """Run the demo in ``data_dir``, which must be empty (the demo starts from nothing)."""
+    tansu = TansuBroker(free_port(), log_path=data_dir / "tansu.log")
+    tansu.start()
+    key = f"opk_demo_{secrets.token_hex(8)}"
+    settings = Settings(
+        data_dir=data_dir,
+        kafka_url=tansu.url,
+        bootstrap_api_key=key,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        log_batch_max_ms=200,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            Platform(settings).app,
+            host="127.0.0.1",
+            port=settings.http_port,
+            log_level="warning",
+            lifespan="on",
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        with console.status("starting Distillery (Tansu, chDB, SQLite, local blobs)..."):
+            while not server.started:
+                if serving.done():
+                    serving.result()
+                await asyncio.sleep(0.05)
+        base_url = f"http://127.0.0.1:{settings.http_port}/api/v1"
+        console.print(f"[bold green]Distillery is up[/] at {base_url} (Kafka {tansu.url})")
+        async with httpx.AsyncClient(
+            base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        ) as client:
+            started = time.monotonic()
+            with _progress(console) as progress:
+                failures = await _send_traffic(client, n_logs, progress)
+                await _wait_captured(client, n_logs - failures, progress)
+            elapsed = time.monotonic() - started
+            console.print(
+                f"{n_logs - failures} calls captured in {elapsed:.1f}s "
+                f"({(n_logs - failures) / elapsed:,.0f} logs/s), {failures} refused"
+            )
+            await _show_capabilities(client, console)
+    finally:
+        server.should_exit = True
+        await serving
+        tansu.stop()
+        console.print("Distillery stopped.")

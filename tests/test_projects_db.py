@@ -1,0 +1,60 @@
+"""The catalog's projects and keys on both databases it supports: SQLite and Postgres."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from services.api.projects import service as projects
+from services.common.auth import hash_api_key
+from services.common.db import make_engine, make_sessionmaker, migrate
+
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
+        return
+    name = f"distillery_test_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_migrations_projects_and_keys(database_url: str) -> None:
+    await migrate(database_url)
+    await migrate(database_url)  # idempotent
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        async with sessions.begin() as session:
+            assert await projects.ensure_bootstrap_project(session=session, api_key="opk_boot") is True
+        async with sessions.begin() as session:
+            assert await projects.ensure_bootstrap_project(session=session, api_key="opk_other") is False
+            project = await projects.create_project(session=session, name="team")
+            row, plain = await projects.add_api_key(session=session, project_id=project.id)
+        assert plain.startswith("opk_") and row.key_hash == hash_api_key(plain) and row.prefix == plain[:8]
+        async with sessions() as session:
+            keys = await projects.active_keys(session=session)
+            assert {k.key_hash for k in keys} == {hash_api_key("opk_boot"), hash_api_key(plain)}
+            record = projects.key_record(row)
+            assert record.key == f"api_key/{row.key_hash}" and record.data == {"project_id": project.id}
+        with pytest.raises(IntegrityError):
+            async with sessions.begin() as session:
+                await projects.create_project(session=session, name="team")
+        async with sessions() as session:  # the failed transaction left nothing behind
+            assert await projects.get_project_by_name(session=session, name="team") is not None
+            assert len(await projects.active_keys(session=session)) == 2
+    finally:
+        await engine.dispose()
