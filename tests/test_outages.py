@@ -66,3 +66,16 @@ async def test_clickhouse_unreachable_gives_503(tmp_path: Path, tansu: TansuBrok
                 assert "pw" not in response.text
     finally:
         await platform.stop()
+
+
+async def test_platform_uses_the_s3_blob_store_when_configured(
+    tmp_path: Path, tansu: TansuBroker, chdb_url: str, s3_url: str
+) -> None:
+    """The MinIO code path: a platform configured with s3:// creates its bucket on a real S3 endpoint."""
+    platform = Platform(platform_settings(tmp_path, tansu.url, chdb_url, blob_url=s3_url + "-platform"))
+    await platform.start()
+    try:
+        uri = await platform.blobs.put_bytes("probe/hello.txt", b"hi")
+        assert uri.startswith("s3://") and await platform.blobs.get_bytes("probe/hello.txt") == b"hi"
+    finally:
+        await platform.stop()
