@@ -21,7 +21,7 @@ from services.common.blobstore import (
     MinioBlobStore,
     blob_store_from_url,
 )
-from tests.s3_server import SECRET_KEY, s3_url  # noqa: F401
+from tests.s3_server import SECRET_KEY
 
 MB = 1 << 20
 
@@ -160,7 +160,7 @@ async def test_file_store_cannot_escape_root(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_s3_presigned_url_downloads(s3_url: str) -> None:  # noqa: F811
+async def test_s3_presigned_url_downloads(s3_url: str) -> None:
     blobs = blob_store_from_url(_with_bucket(s3_url, f"t-{uuid.uuid4().hex[:12]}"))
     await blobs.ensure_ready()
     await blobs.put_bytes("exports/shared.jsonl", b"shared\n")
@@ -175,7 +175,7 @@ async def test_s3_presigned_url_downloads(s3_url: str) -> None:  # noqa: F811
 
 
 @pytest.mark.asyncio
-async def test_s3_wrong_secret_does_not_leak_it(s3_url: str) -> None:  # noqa: F811
+async def test_s3_wrong_secret_does_not_leak_it(s3_url: str) -> None:
     wrong_secret = "WRONG-secret-do-not-print"
     url = s3_url.replace("@", f"{wrong_secret}@", 1)  # appends to the real secret
     blobs = blob_store_from_url(url)
