@@ -275,3 +275,23 @@ async def test_concurrent_reports_are_all_captured(project: Project) -> None:
         results = await asyncio.gather(*(client.post(route, json=body) for route, body in reports))
         assert all(r.status_code == 200 for r in results)
         assert await wait_for_count(client, 300) == 300
+
+
+async def test_official_openai_sdk_reports_and_reads_errors(project: Project) -> None:
+    """The ``openai`` SDK's generic client reaches our routes and parses our error envelope."""
+    import openai
+
+    sdk = openai.AsyncOpenAI(api_key=project.key, base_url=project.base_url, max_retries=0)
+    body = openai_body(completion_id="via-openai-sdk")
+    result = await sdk.post("/report", body=body, cast_to=object)
+    assert result == {"status": "ok"}
+    async with project.client() as client:
+        assert await wait_for_count(client, 1, params={"completionId": "via-openai-sdk"}) == 1
+
+    wrong = openai.AsyncOpenAI(api_key="opk_wrong", base_url=project.base_url, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as denied:
+        await wrong.post("/report", body=body, cast_to=object)
+    assert denied.value.status_code == 401 and "Invalid API key" in denied.value.message
+    with pytest.raises(openai.BadRequestError) as bad:
+        await sdk.get("/logs", options={"params": {"colour": "blue"}}, cast_to=object)
+    assert bad.value.body["param"] == "colour" and "Unknown filter" in bad.value.message
