@@ -1,4 +1,4 @@
-"""API wiring: the catalog database, bootstrap project, key publication."""
+"""API wiring: the catalog database, bootstrap project, key and provider-settings publication."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from typing import TYPE_CHECKING
 
 from services.api.projects import service as projects
 from services.api.projects.views import router as projects_router
+from services.api.providers import service as providers
+from services.api.providers.views import router as providers_router
 from services.common.db import make_engine, make_sessionmaker, migrate
+from services.common.secrets import load_or_create_key
 
 if TYPE_CHECKING:
     from services.platform import Platform
@@ -22,7 +25,18 @@ async def setup(platform: Platform) -> None:
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
     platform.state["sessions"] = sessions
+    # Seals provider secrets in the catalog and on catalog.v1; consumers load the same key.
+    secret_key = load_or_create_key(settings)
+    if settings.secret_key is None and settings.database_url:
+        log.warning(
+            "DISTILLERY_SECRET_KEY is not set: provider secrets are sealed with %s; every api and "
+            "router process needs that same key, so set DISTILLERY_SECRET_KEY in production",
+            settings.data_dir / "secret.key",
+        )
+    platform.state["secret_key"] = secret_key
+    platform.state["publish_timeout"] = settings.publish_timeout_seconds
     platform.routers.append(projects_router)
+    platform.routers.append(providers_router)
 
     if settings.bootstrap_api_key is not None:
         async with sessions.begin() as session:
@@ -39,8 +53,25 @@ async def setup(platform: Platform) -> None:
             platform.keyring.add(key.key_hash, key.project_id)
         await projects.publish_keys(broker=platform.broker, keys=keys)
 
+    async def publish_provider_settings() -> None:
+        # Provider keys, external providers and deployments, for the router (same reason as above).
+        async with sessions() as session:
+            records = await providers.catalog_records(session=session)
+        unreadable = providers.count_unreadable(records, secret_key)
+        if unreadable:
+            log.error(
+                "%d stored provider secret(s) cannot be opened with the current secret key "
+                "(DISTILLERY_SECRET_KEY or <data_dir>/secret.key was replaced?); set them again",
+                unreadable,
+            )
+        await providers.publish(
+            broker=platform.broker, records=records, timeout=settings.publish_timeout_seconds
+        )
+        log.info("republished %d provider-settings record(s) on catalog.v1", len(records))
+
     async def close() -> None:
         await engine.dispose()
 
     platform.on_started.append(publish_all_keys)
+    platform.on_started.append(publish_provider_settings)
     platform.on_stop.append(close)

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
 
     # Creates a project owning this key on first start when no project exists.
     bootstrap_api_key: SecretStr | None = None
+    # Seals provider API keys in the catalog and on ``catalog.v1`` (AES-256-GCM): base64 of 32
+    # random bytes, shared by every process. Unset: ``<data_dir>/secret.key``, created on first start.
+    secret_key: SecretStr | None = None
 
     max_body_bytes: int = 8 * 1024 * 1024
     # A report is acknowledged only once Kafka has it; past this the client gets a 503 to retry.
@@ -46,6 +49,19 @@ class Settings(BaseSettings):
     # How long the writer keeps retrying a failing ClickHouse insert before handing the batch
     # back to Kafka (uncommitted) to be consumed again.
     log_insert_retry_seconds: float = 60.0
+
+    # Upstream LLM providers (overridable so tests and air-gapped installs can point elsewhere).
+    openai_base_url: str = "https://api.openai.com/v1"
+    anthropic_base_url: str = "https://api.anthropic.com"
+    gemini_base_url: str = "https://generativelanguage.googleapis.com"
+    upstream_timeout_seconds: float = 120.0
+    upstream_max_retries: int = 2
+    # Longest Retry-After the router will honour before giving up on a retry.
+    upstream_max_retry_after_seconds: float = 20.0
+    # In-flight chat completions per project; past it the caller gets a 429.
+    project_max_concurrency: int = 256
+    cache_ttl_seconds: int = 7 * 24 * 3600
+    cache_max_entries: int = 100_000
 
     # Consumer-group liveness; tests lower it so groups form fast.
     kafka_heartbeat_ms: int = 3000
