@@ -28,7 +28,7 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("api", "ingest")
+SERVICES = ("api", "ingest", "router")
 Hook = Callable[[], Awaitable[None]]
 
 
@@ -43,7 +43,8 @@ class Platform:
         self.routers: list[APIRouter] = []
         self.grpc_servicers: list[Callable[[grpc.aio.Server], None]] = []
         self.on_started: list[Hook] = []  # after the broker and catalog are up
-        self.on_stop: list[Hook] = []
+        self.on_stopping: list[Hook] = []  # before the broker stops (flush what must be published)
+        self.on_stop: list[Hook] = []  # after it stops (close stores)
         self.state: dict[str, Any] = {}
         self.grpc_server: grpc.aio.Server | None = None
         self.app = self._build_app()
@@ -106,6 +107,8 @@ class Platform:
         """Stop every part even if some cannot stop cleanly (say, the broker is already gone)."""
         if self.grpc_server:
             await _stop_quietly("gRPC server", self.grpc_server.stop(grace=2))
+        for hook in reversed(self.on_stopping):
+            await _stop_quietly(hook.__qualname__, hook())
         await _stop_quietly("Kafka clients", self.broker.stop())
         await _stop_quietly("catalog reader", self.catalog.stop())
         for hook in reversed(self.on_stop):

@@ -22,6 +22,7 @@ from services.api.projects import service as projects
 from services.common.kafka import TansuBroker, free_port
 from services.common.settings import Settings
 from services.platform import Platform
+from tests.fake_upstream import FakeUpstream, start_fake_upstream
 
 pytest_plugins = ["tests.s3_server"]  # the `s3_url` fixture: a real S3 endpoint (SeaweedFS)
 
@@ -91,8 +92,28 @@ async def serve_in_background(platform: Platform) -> tuple[uvicorn.Server, async
 
 
 @pytest.fixture(scope="session")
-async def running(data_root: Path, tansu: TansuBroker, chdb_url: str) -> AsyncIterator[RunningPlatform]:
-    platform = Platform(platform_settings(data_root, tansu.url, chdb_url))
+async def fake_upstream() -> AsyncIterator[FakeUpstream]:
+    """OpenAI, Anthropic and Gemini, faked at the HTTP boundary (see tests/fake_upstream.py)."""
+    fake, server, task = await start_fake_upstream(free_port())
+    yield fake
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture(scope="session")
+async def running(
+    data_root: Path, tansu: TansuBroker, chdb_url: str, fake_upstream: FakeUpstream
+) -> AsyncIterator[RunningPlatform]:
+    platform = Platform(
+        platform_settings(
+            data_root,
+            tansu.url,
+            chdb_url,
+            openai_base_url=f"{fake_upstream.base_url}/v1",
+            anthropic_base_url=fake_upstream.base_url,
+            gemini_base_url=fake_upstream.base_url,
+        )
+    )
     server, task = await serve_in_background(platform)
     yield RunningPlatform(platform, f"http://127.0.0.1:{platform.settings.http_port}/api/v1")
     server.should_exit = True

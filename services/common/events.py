@@ -52,6 +52,8 @@ class LogEvent(BaseModel):
     error_message: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     cache_hit: bool = False
+    # Set by the router when it knows the model's price (external providers, deployments).
+    cost_usd: float | None = None
 
 
 class CatalogRecord(BaseModel):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -13,39 +11,10 @@ import orjson
 from services.common.clickhouse import ClickHouse
 from services.common.errors import bad_request
 from services.common.events import LogEvent
+from services.common.log_fields import merge_metadata, new_log_id, stringify
 from services.ingest import store
 from services.ingest.models import AnthropicReportRequest, LogFilter, ReportRequest, RequestLog, Usage
 from services.ingest.store import LogFilters
-
-
-def new_log_id(now_ms: int | None = None) -> str:
-    """A UUIDv7: unique, and sorting by it sorts by capture time."""
-    ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62
-    value |= rand & ((1 << 62) - 1)
-    return str(uuid.UUID(int=value))
-
-
-def stringify(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def merge_metadata(*sources: Mapping[str, Any] | None) -> dict[str, str]:
-    """Later sources win; numbers and booleans are stringified; nulls are dropped."""
-    merged: dict[str, str] = {}
-    for source in sources:
-        for key, value in (source or {}).items():
-            text = stringify(value)
-            if text is not None:
-                merged[str(key)] = text
-    return merged
 
 
 def _payload_metadata(req_payload: Any) -> Mapping[str, Any] | None:

@@ -117,6 +117,12 @@ def _finish_reason(resp: Any) -> str:
     return ""
 
 
+def _cost(event: LogEvent, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    if event.cost_usd is not None:
+        return event.cost_usd
+    return cost_usd(model, prompt_tokens, completion_tokens)
+
+
 def event_to_row(event: LogEvent, now_ms: int | None = None) -> list[Any]:
     """Derive every column of a log from what the producer observed."""
     req, resp = event.req_payload, event.resp_payload
@@ -149,7 +155,7 @@ def event_to_row(event: LogEvent, now_ms: int | None = None) -> list[Any]:
         prompt_tokens,
         completion_tokens,
         _finish_reason(openai_resp),
-        cost_usd(model, prompt_tokens, completion_tokens) if status == "success" else None,
+        _cost(event, model, prompt_tokens, completion_tokens) if status == "success" else None,
         int(event.cache_hit),
         event.metadata,
         _json(req),

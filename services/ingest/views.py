@@ -16,6 +16,7 @@ from services.common.auth import require_project
 from services.common.clickhouse import ClickHouse
 from services.common.errors import APIError, bad_request, not_found, unavailable
 from services.common.events import LOGS_TOPIC, LogEvent
+from services.common.log_fields import stringify
 from services.ingest import service, store
 from services.ingest.models import (
     AnthropicReportRequest,
@@ -90,7 +91,7 @@ async def update_metadata(
     body: UpdateMetadataRequest, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
 ) -> UpdateMetadataResponse:
     filters = service.filters_from_update(body.filters)
-    changes = {k: service.stringify(v) for k, v in body.metadata.items()}
+    changes = {k: stringify(v) for k, v in body.metadata.items()}
     matched = await _query(store.rewrite_metadata(d.clickhouse, project_id, filters, changes))
     return UpdateMetadataResponse(matchedLogs=matched)
 
@@ -100,7 +101,7 @@ async def update_tags(
     body: UpdateTagsRequest, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
 ) -> UpdateMetadataResponse:
     filters = service.filters_from_update(body.filters)
-    changes = {k: service.stringify(v) for k, v in body.tags.items()}
+    changes = {k: stringify(v) for k, v in body.tags.items()}
     matched = await _query(store.rewrite_metadata(d.clickhouse, project_id, filters, changes))
     return UpdateMetadataResponse(matchedLogs=matched)
 

@@ -1,0 +1,57 @@
+"""Router wiring: the catalog projection, pooled upstream clients, cache, log shipper, routes, gRPC."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from services.common.secrets import load_or_create_key
+from services.router.cache import make_cache
+from services.router.capture import LogShipper
+from services.router.catalog import RouterCatalog
+from services.router.routing import Router
+from services.router.service import ChatService
+from services.router.upstream import RetryPolicy, Upstream
+from services.router.views import router
+
+if TYPE_CHECKING:
+    from services.platform import Platform
+
+
+async def setup(platform: Platform) -> None:
+    settings = platform.settings
+    secret_key = platform.state.get("secret_key") or load_or_create_key(settings)
+    platform.state["secret_key"] = secret_key
+    catalog = RouterCatalog(secret_key)
+    platform.catalog.handlers.append(catalog.apply)
+    upstream = Upstream(
+        timeout=settings.upstream_timeout_seconds,
+        retry=RetryPolicy(
+            max_retries=settings.upstream_max_retries,
+            max_retry_after=settings.upstream_max_retry_after_seconds,
+        ),
+    )
+    cache = make_cache(settings.redis_url, settings.cache_ttl_seconds, settings.cache_max_entries)
+    shipper = LogShipper(platform.broker)
+    chat = ChatService(
+        router=Router(catalog, settings),
+        upstream=upstream,
+        cache=cache,
+        shipper=shipper,
+        max_concurrency=settings.project_max_concurrency,
+    )
+    platform.state["chat"] = chat
+    platform.routers.append(router)
+
+    async def start() -> None:
+        shipper.start()
+
+    async def flush_logs() -> None:
+        await shipper.stop()
+
+    async def close() -> None:
+        await upstream.close()
+        await cache.close()
+
+    platform.on_started.append(start)
+    platform.on_stopping.append(flush_logs)
+    platform.on_stop.append(close)

@@ -1,0 +1,376 @@
+"""The inference path: limits, cache, routing, pruning, fallback, mixture of agents, logging."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.errors import APIError
+from services.common.events import LogEvent
+from services.common.log_fields import merge_metadata, new_log_id
+from services.router.cache import ResponseCache, cache_key
+from services.router.capture import LogShipper
+from services.router.protocol import Fallback, error_chunk, upstream_body
+from services.router.providers.anthropic import AnthropicProvider
+from services.router.providers.base import Provider
+from services.router.providers.gemini import GeminiProvider
+from services.router.providers.openai import OpenAIProvider
+from services.router.pruning import apply_pruning_rules
+from services.router.routing import Route, Router, moa_base
+from services.router.streaming import DONE, completion_to_chunks, merge_chunks, sse
+from services.router.upstream import Upstream
+
+MOA_DRAFTS = 3
+MOA_DRAFT_TEMPERATURE = 0.9
+MOA_CRITIQUE_PROMPT = (
+    "Here are candidate responses to the conversation above:\n\n{drafts}\n\n"
+    "Critique each one: what is correct, what is wrong or missing, and which parts the best possible "
+    "response should keep."
+)
+MOA_SYNTHESIS_PROMPT = (
+    "Candidate responses and a critique of them follow. Write the single best response to the "
+    "conversation, using them.\n\n{drafts}\n\n<critique>\n{critique}\n</critique>"
+)
+
+
+@dataclass
+class CallOptions:
+    """How to treat one call, from the body's ``openpipe`` field and the ``op-*`` headers."""
+
+    log_request: bool = False
+    cache: str | None = None  # readWrite | readOnly | writeOnly
+    tags: dict[str, Any] = field(default_factory=dict)
+    fallback: Fallback | None = None
+
+    @property
+    def reads_cache(self) -> bool:
+        return self.cache in ("readWrite", "readOnly")
+
+    @property
+    def writes_cache(self) -> bool:
+        return self.cache in ("readWrite", "writeOnly")
+
+
+@dataclass
+class Outcome:
+    """What happened, for the log: the answer or the error, and how it was produced."""
+
+    completion: dict[str, Any] | None = None
+    error: APIError | None = None
+    cache_hit: bool = False
+    route: Route | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+class ProjectLimiter:
+    """Caps in-flight calls per project; past the cap the caller gets a 429 at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._in_flight: dict[str, int] = defaultdict(int)
+
+    @asynccontextmanager
+    async def slot(self, project_id: str) -> AsyncIterator[None]:
+        if self._in_flight[project_id] >= self.limit:
+            raise APIError(
+                429,
+                f"Too many concurrent requests for this project (limit {self.limit}). Retry shortly.",
+                type="rate_limit_error",
+                code="concurrency_limit",
+            )
+        self._in_flight[project_id] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[project_id] -= 1
+
+
+def _cost(route: Route, completion: dict[str, Any]) -> float | None:
+    if route.input_price_per_million is None or route.output_price_per_million is None:
+        return None
+    usage = completion.get("usage") or {}
+    return (
+        usage.get("prompt_tokens", 0) * route.input_price_per_million
+        + usage.get("completion_tokens", 0) * route.output_price_per_million
+    ) / 1_000_000
+
+
+def _add_usage(total: dict[str, int], completion: dict[str, Any]) -> None:
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        total[key] = total.get(key, 0) + int((completion.get("usage") or {}).get(key) or 0)
+
+
+class ChatService:
+    def __init__(
+        self,
+        *,
+        router: Router,
+        upstream: Upstream,
+        cache: ResponseCache,
+        shipper: LogShipper | None,
+        max_concurrency: int,
+    ) -> None:
+        self.router = router
+        self.upstream = upstream
+        self.cache = cache
+        self.shipper = shipper
+        self.limiter = ProjectLimiter(max_concurrency)
+        openai = OpenAIProvider()
+        self.providers: dict[str, Provider] = {
+            "openai": openai,
+            "azure": openai,
+            "anthropic": AnthropicProvider(),
+            "gemini": GeminiProvider(),
+        }
+
+    # --- one completion ------------------------------------------------------------------------
+
+    async def complete(self, *, project_id: str, raw: dict[str, Any], options: CallOptions) -> dict[str, Any]:
+        requested_at = int(time.time() * 1000)
+        outcome = Outcome()
+        try:
+            async with self.limiter.slot(project_id):
+                key = cache_key(project_id, raw)
+                if options.reads_cache and (cached := await self.cache.get(key)) is not None:
+                    outcome.completion, outcome.cache_hit = cached, True
+                    return cached
+                outcome.completion = await self._with_fallback(project_id, raw, options, outcome)
+                if options.writes_cache:
+                    await self.cache.set(key, outcome.completion)
+                return outcome.completion
+        except APIError as exc:
+            outcome.error = exc
+            raise
+        finally:
+            self._log(project_id, raw, options, requested_at, outcome)
+
+    async def _with_fallback(
+        self, project_id: str, raw: dict[str, Any], options: CallOptions, outcome: Outcome
+    ) -> dict[str, Any]:
+        fallback = options.fallback
+        timeout = fallback.timeout / 1000 if fallback and fallback.timeout else None
+        try:
+            return await self._call(project_id, raw, outcome, timeout=timeout)
+        except APIError as exc:
+            if fallback is None:
+                raise
+            outcome.notes.update({"$fallback.from": raw["model"], "$fallback.reason": exc.message[:300]})
+            return await self._call(project_id, {**raw, "model": fallback.model}, outcome, timeout=None)
+
+    async def _call(
+        self, project_id: str, raw: dict[str, Any], outcome: Outcome, *, timeout: float | None
+    ) -> dict[str, Any]:
+        model = raw["model"]
+        if (base := moa_base(model)) is not None:
+            return await self._mixture_of_agents(project_id, raw, base, outcome, timeout=timeout)
+        route = self.router.resolve(project_id, model)
+        body = self._prepare(route, raw)
+        outcome.route = route
+        return await self.providers[route.provider].complete(
+            self.upstream, route, body, model=model, timeout=timeout
+        )
+
+    @staticmethod
+    def _prepare(route: Route, raw: dict[str, Any]) -> dict[str, Any]:
+        body = upstream_body(raw)
+        if route.pruning_rules:
+            body["messages"] = apply_pruning_rules(body["messages"], route.pruning_rules)
+        if route.default_temperature is not None and body.get("temperature") is None:
+            body["temperature"] = route.default_temperature
+        return body
+
+    # --- mixture of agents ---------------------------------------------------------------------
+
+    async def _mixture_of_agents(
+        self, project_id: str, raw: dict[str, Any], base: str, outcome: Outcome, *, timeout: float | None
+    ) -> dict[str, Any]:
+        """Drafts at high temperature → a critique of them → a final synthesis."""
+        route = self.router.resolve(project_id, base)
+        provider = self.providers[route.provider]
+        body = self._prepare(route, {**raw, "model": base})
+        body.pop("n", None)
+        usage: dict[str, int] = {}
+
+        async def ask(request: dict[str, Any]) -> dict[str, Any]:
+            completion = await provider.complete(self.upstream, route, request, model=base, timeout=timeout)
+            _add_usage(usage, completion)
+            return completion
+
+        drafts = await asyncio.gather(
+            *(ask({**body, "temperature": MOA_DRAFT_TEMPERATURE}) for _ in range(MOA_DRAFTS))
+        )
+        drafted = "\n\n".join(
+            f"<draft {i + 1}>\n{_answer_text(d)}\n</draft {i + 1}>" for i, d in enumerate(drafts)
+        )
+        critique_turn = {"role": "user", "content": MOA_CRITIQUE_PROMPT.format(drafts=drafted)}
+        critique = await ask(
+            {**_without_tools(body), "temperature": 0, "messages": [*body["messages"], critique_turn]}
+        )
+        synthesis_turn = {
+            "role": "system",
+            "content": MOA_SYNTHESIS_PROMPT.format(drafts=drafted, critique=_answer_text(critique)),
+        }
+        final = await ask({**body, "messages": [*body["messages"], synthesis_turn]})
+        final["model"] = raw["model"]
+        final["usage"] = usage
+        outcome.notes["$moa.drafts"] = str(MOA_DRAFTS)
+        return final
+
+    # --- streaming -----------------------------------------------------------------------------
+
+    async def open_stream(
+        self, *, project_id: str, raw: dict[str, Any], options: CallOptions
+    ) -> AsyncIterator[bytes]:
+        """Everything that can fail with a clean HTTP error happens before this returns; the
+        returned iterator yields SSE bytes and logs the merged call once it ends or breaks."""
+        requested_at = int(time.time() * 1000)
+        outcome = Outcome()
+        stack = AsyncExitStack()
+        include_usage = bool((raw.get("stream_options") or {}).get("include_usage"))
+        try:
+            await stack.enter_async_context(self.limiter.slot(project_id))
+            key = cache_key(project_id, raw)
+            if options.reads_cache and (cached := await self.cache.get(key)) is not None:
+                outcome.completion, outcome.cache_hit = cached, True
+                chunks = _iterate(completion_to_chunks(cached, include_usage=include_usage))
+            elif moa_base(raw["model"]) is not None:
+                completion = await self._with_fallback(project_id, raw, options, outcome)
+                chunks = _iterate(completion_to_chunks(completion, include_usage=include_usage))
+            else:
+                chunks = await self._open_with_fallback(stack, project_id, raw, options, outcome)
+        except BaseException as exc:
+            await stack.aclose()
+            if isinstance(exc, APIError):
+                outcome.error = exc
+                self._log(project_id, raw, options, requested_at, outcome)
+            raise
+        return self._relay(stack, chunks, project_id, raw, options, requested_at, outcome, key)
+
+    async def _open_with_fallback(
+        self,
+        stack: AsyncExitStack,
+        project_id: str,
+        raw: dict[str, Any],
+        options: CallOptions,
+        outcome: Outcome,
+    ) -> AsyncIterator[dict[str, Any]]:
+        fallback = options.fallback
+        timeout = fallback.timeout / 1000 if fallback and fallback.timeout else None
+        try:
+            return await self._open(stack, project_id, raw, outcome, timeout=timeout)
+        except APIError as exc:
+            if fallback is None:
+                raise
+            outcome.notes.update({"$fallback.from": raw["model"], "$fallback.reason": exc.message[:300]})
+            return await self._open(
+                stack, project_id, {**raw, "model": fallback.model}, outcome, timeout=None
+            )
+
+    async def _open(
+        self,
+        stack: AsyncExitStack,
+        project_id: str,
+        raw: dict[str, Any],
+        outcome: Outcome,
+        *,
+        timeout: float | None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        route = self.router.resolve(project_id, raw["model"])
+        body = self._prepare(route, raw)
+        outcome.route = route
+        stream = self.providers[route.provider].stream(
+            self.upstream, route, body, model=raw["model"], timeout=timeout
+        )
+        return await stack.enter_async_context(stream)
+
+    async def _relay(
+        self,
+        stack: AsyncExitStack,
+        chunks: AsyncIterator[dict[str, Any]],
+        project_id: str,
+        raw: dict[str, Any],
+        options: CallOptions,
+        requested_at: int,
+        outcome: Outcome,
+        key: str,
+    ) -> AsyncIterator[bytes]:
+        seen: list[dict[str, Any]] = []
+        finished = False
+        try:
+            async for chunk in chunks:
+                seen.append(chunk)
+                yield sse(chunk)
+            finished = True
+            yield DONE
+        except APIError as exc:
+            outcome.error = exc
+            yield sse(error_chunk(exc.message, type=exc.type, code=exc.code))
+            yield DONE
+        finally:
+            await stack.aclose()
+            if not outcome.cache_hit:
+                outcome.completion = merge_chunks(seen) or outcome.completion
+                if not finished and outcome.error is None:
+                    outcome.error = APIError(
+                        499, "the client closed the stream before it ended", code="client_closed_request"
+                    )
+                if finished and options.writes_cache and outcome.completion:
+                    await self.cache.set(key, outcome.completion)
+            self._log(project_id, raw, options, requested_at, outcome)
+
+    # --- logging -------------------------------------------------------------------------------
+
+    def _log(
+        self, project_id: str, raw: dict[str, Any], options: CallOptions, requested_at: int, outcome: Outcome
+    ) -> None:
+        if not options.log_request or self.shipper is None:
+            return
+        error = outcome.error
+        response: Any = outcome.completion
+        if error is not None and response is None:
+            response = error_chunk(error.message, type=error.type, code=error.code)
+        self.shipper.ship(
+            LogEvent(
+                log_id=new_log_id(),
+                project_id=project_id,
+                source="openai",
+                requested_at=requested_at,
+                received_at=int(time.time() * 1000),
+                req_payload={k: v for k, v in raw.items() if k != "openpipe"},
+                resp_payload=response,
+                status_code=error.status_code if error else 200,
+                error_message=error.message if error else None,
+                cache_hit=outcome.cache_hit,
+                cost_usd=_cost(outcome.route, outcome.completion)
+                if outcome.route and outcome.completion
+                else None,
+                metadata=merge_metadata(raw.get("metadata"), options.tags, outcome.notes),
+            )
+        )
+
+
+async def _iterate(items: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    for item in items:
+        yield item
+
+
+def _answer_text(completion: dict[str, Any]) -> str:
+    message = (completion.get("choices") or [{}])[0].get("message") or {}
+    text = message.get("content") or ""
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        text += f"\n[tool call {function.get('name')}({function.get('arguments')})]"
+    return text.strip()
+
+
+def _without_tools(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in body.items()
+        if k not in ("tools", "tool_choice", "functions", "function_call", "response_format")
+    }

@@ -1,0 +1,120 @@
+"""Router HTTP routes (thin): ``POST /chat/completions`` and the deprecated ``/check-cache``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+
+from services.common.auth import require_project
+from services.common.errors import APIError, bad_request
+from services.router.cache import cache_key
+from services.router.protocol import DISABLED_CACHE, ChatCompletionRequest, OpenPipeOptions
+from services.router.service import CallOptions, ChatService
+
+router = APIRouter(tags=["chat"])
+
+CACHE_MODES = ("readWrite", "readOnly", "writeOnly")
+
+
+def chat_service(request: Request) -> ChatService:
+    return request.app.state.chat
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    details = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5]
+    )
+    return bad_request(f"Input validation failed: {details}", param=param)
+
+
+def _cache_mode(value: str | bool | None, source: str) -> str | None:
+    if value is None or value is False or str(value).lower() in DISABLED_CACHE:
+        return None
+    if value not in CACHE_MODES:
+        raise bad_request(f"{source} must be one of {', '.join(CACHE_MODES)}, got {value!r}.", param=source)
+    return str(value)
+
+
+def _header_tags(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        tags = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        tags = None
+    if not isinstance(tags, dict):
+        raise bad_request("The op-tags header must be a JSON object.", param="op-tags")
+    return tags
+
+
+def call_options(request: Request, body: ChatCompletionRequest) -> CallOptions:
+    """The ``op-*`` headers win over the body's ``openpipe`` field, which wins over ``store``."""
+    options = body.openpipe or OpenPipeOptions()
+    if request.headers.get("op-criteria"):
+        raise bad_request(
+            "Criteria judging (op-criteria) is not available on this deployment yet.",
+            param="op-criteria",
+            code="criteria_unavailable",
+        )
+    header = request.headers.get("op-log-request")
+    if header is not None:
+        log_request = header.strip().lower() == "true"
+    elif options.logRequest is not None or options.log_request is not None:
+        log_request = bool(options.logRequest if options.logRequest is not None else options.log_request)
+    else:
+        log_request = bool(body.store)
+    header_cache = request.headers.get("op-cache")
+    cache = (
+        _cache_mode(header_cache, "op-cache")
+        if header_cache is not None
+        else _cache_mode(options.cache, "openpipe.cache")
+    )
+    tags = {**(options.tags or {}), **_header_tags(request.headers.get("op-tags"))}
+    return CallOptions(log_request=log_request, cache=cache, tags=tags, fallback=options.fallback)
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    request: Request, project_id: str = Depends(require_project), chat: ChatService = Depends(chat_service)
+) -> Response:
+    raw = await _json_body(request)
+    if not isinstance(raw, dict):
+        raise bad_request("Request body must be a JSON object.")
+    try:
+        body = ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    options = call_options(request, body)
+    if body.stream:
+        chunks = await chat.open_stream(project_id=project_id, raw=raw, options=options)
+        return StreamingResponse(
+            chunks,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+    completion = await chat.complete(project_id=project_id, raw=raw, options=options)
+    return Response(orjson.dumps(completion), media_type="application/json")
+
+
+@router.post("/check-cache", deprecated=True)
+async def check_cache(
+    request: Request, project_id: str = Depends(require_project), chat: ChatService = Depends(chat_service)
+) -> dict:
+    body = await _json_body(request)
+    payload = body.get("reqPayload") if isinstance(body, dict) else None
+    if not isinstance(payload, dict):
+        raise bad_request("reqPayload must be a chat completion request object.", param="reqPayload")
+    return {"respPayload": await chat.cache.get(cache_key(project_id, payload))}
