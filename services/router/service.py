@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -24,6 +25,8 @@ from services.router.pruning import apply_pruning_rules
 from services.router.routing import Route, Router, moa_base
 from services.router.streaming import DONE, completion_to_chunks, merge_chunks, sse
 from services.router.upstream import Upstream
+
+log = logging.getLogger(__name__)
 
 MOA_DRAFTS = 3
 MOA_DRAFT_TEMPERATURE = 0.9
@@ -128,6 +131,21 @@ class ChatService:
             "gemini": GeminiProvider(),
         }
 
+    # --- cache (a cache outage degrades to no cache; it never fails the call) -------------------
+
+    async def _cache_get(self, key: str) -> dict[str, Any] | None:
+        try:
+            return await self.cache.get(key)
+        except Exception as exc:
+            log.warning("response cache read failed (%s); answering without it", type(exc).__name__)
+            return None
+
+    async def _cache_set(self, key: str, completion: dict[str, Any]) -> None:
+        try:
+            await self.cache.set(key, completion)
+        except Exception as exc:
+            log.warning("response cache write failed (%s); answer not cached", type(exc).__name__)
+
     # --- one completion ------------------------------------------------------------------------
 
     async def complete(self, *, project_id: str, raw: dict[str, Any], options: CallOptions) -> dict[str, Any]:
@@ -136,12 +154,12 @@ class ChatService:
         try:
             async with self.limiter.slot(project_id):
                 key = cache_key(project_id, raw)
-                if options.reads_cache and (cached := await self.cache.get(key)) is not None:
+                if options.reads_cache and (cached := await self._cache_get(key)) is not None:
                     outcome.completion, outcome.cache_hit = cached, True
                     return cached
                 outcome.completion = await self._with_fallback(project_id, raw, options, outcome)
                 if options.writes_cache:
-                    await self.cache.set(key, outcome.completion)
+                    await self._cache_set(key, outcome.completion)
                 return outcome.completion
         except APIError as exc:
             outcome.error = exc
@@ -235,7 +253,7 @@ class ChatService:
         try:
             await stack.enter_async_context(self.limiter.slot(project_id))
             key = cache_key(project_id, raw)
-            if options.reads_cache and (cached := await self.cache.get(key)) is not None:
+            if options.reads_cache and (cached := await self._cache_get(key)) is not None:
                 outcome.completion, outcome.cache_hit = cached, True
                 chunks = _iterate(completion_to_chunks(cached, include_usage=include_usage))
             elif moa_base(raw["model"]) is not None:
@@ -320,7 +338,7 @@ class ChatService:
                         499, "the client closed the stream before it ended", code="client_closed_request"
                     )
                 if finished and options.writes_cache and outcome.completion:
-                    await self.cache.set(key, outcome.completion)
+                    await self._cache_set(key, outcome.completion)
             self._log(project_id, raw, options, requested_at, outcome)
 
     # --- logging -------------------------------------------------------------------------------
