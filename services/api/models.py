@@ -1,6 +1,27 @@
 """Every catalog table, imported in one place so Alembic sees them all."""
 
+from services.api.datasets.models import (
+    Dataset,
+    DatasetEntry,
+    DatasetEntryRevision,
+    DatasetJob,
+    DatasetSnapshot,
+    PruningRule,
+)
 from services.api.projects.models import ApiKey, Project
 from services.api.providers.models import Deployment, ExternalModel, ExternalProvider, ProviderKeys
 
-__all__ = ["ApiKey", "Deployment", "ExternalModel", "ExternalProvider", "ProviderKeys", "Project"]
+__all__ = [
+    "ApiKey",
+    "Dataset",
+    "DatasetEntry",
+    "DatasetEntryRevision",
+    "DatasetJob",
+    "DatasetSnapshot",
+    "Deployment",
+    "ExternalModel",
+    "ExternalProvider",
+    "PruningRule",
+    "ProviderKeys",
+    "Project",
+]
