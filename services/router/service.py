@@ -6,8 +6,8 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from services.router.providers.anthropic import AnthropicProvider
 from services.router.providers.base import Provider
 from services.router.providers.gemini import GeminiProvider
 from services.router.providers.openai import OpenAIProvider
-from services.router.pruning import apply_pruning_rules
+from services.common.pruning import apply_pruning_rules
 from services.router.routing import Route, Router, moa_base
 from services.router.streaming import DONE, completion_to_chunks, merge_chunks, sse
 from services.router.upstream import Upstream
@@ -244,8 +244,16 @@ class ChatService:
     async def open_stream(
         self, *, project_id: str, raw: dict[str, Any], options: CallOptions
     ) -> AsyncIterator[bytes]:
-        """Everything that can fail with a clean HTTP error happens before this returns; the
-        returned iterator yields SSE bytes and logs the merged call once it ends or breaks."""
+        """``open_chunks`` as server-sent events: an error mid-stream becomes an error event,
+        and the stream always ends with ``[DONE]``."""
+        return _as_sse(await self.open_chunks(project_id=project_id, raw=raw, options=options))
+
+    async def open_chunks(
+        self, *, project_id: str, raw: dict[str, Any], options: CallOptions
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Everything that can fail with a clean error happens before this returns; the returned
+        iterator yields ``chat.completion.chunk`` dicts, raises ``APIError`` when the stream
+        breaks, and logs the merged call once it ends or breaks (close it if you stop early)."""
         requested_at = int(time.time() * 1000)
         outcome = Outcome()
         stack = AsyncExitStack()
@@ -316,19 +324,17 @@ class ChatService:
         requested_at: int,
         outcome: Outcome,
         key: str,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         seen: list[dict[str, Any]] = []
         finished = False
         try:
             async for chunk in chunks:
                 seen.append(chunk)
-                yield sse(chunk)
+                yield chunk
             finished = True
-            yield DONE
         except APIError as exc:
             outcome.error = exc
-            yield sse(error_chunk(exc.message, type=exc.type, code=exc.code))
-            yield DONE
+            raise
         finally:
             await stack.aclose()
             if not outcome.cache_hit:
@@ -370,6 +376,16 @@ class ChatService:
                 metadata=merge_metadata(raw.get("metadata"), options.tags, outcome.notes),
             )
         )
+
+
+async def _as_sse(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[bytes]:
+    async with aclosing(chunks):  # a client that leaves early still gets its call logged now
+        try:
+            async for chunk in chunks:
+                yield sse(chunk)
+        except APIError as exc:
+            yield sse(error_chunk(exc.message, type=exc.type, code=exc.code))
+        yield DONE
 
 
 async def _iterate(items: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
