@@ -14,6 +14,7 @@ from typing import Any
 from services.common.errors import APIError
 from services.common.events import LogEvent
 from services.common.log_fields import merge_metadata, new_log_id
+from services.common.pruning import apply_pruning_rules
 from services.router.cache import ResponseCache, cache_key
 from services.router.capture import LogShipper
 from services.router.protocol import Fallback, error_chunk, upstream_body
@@ -21,7 +22,6 @@ from services.router.providers.anthropic import AnthropicProvider
 from services.router.providers.base import Provider
 from services.router.providers.gemini import GeminiProvider
 from services.router.providers.openai import OpenAIProvider
-from services.common.pruning import apply_pruning_rules
 from services.router.routing import Route, Router, moa_base
 from services.router.streaming import DONE, completion_to_chunks, merge_chunks, sse
 from services.router.upstream import Upstream
