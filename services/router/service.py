@@ -93,6 +93,10 @@ class ProjectLimiter:
             self._in_flight[project_id] -= 1
 
 
+def client_closed(message: str = "the client cancelled the request before it ended") -> APIError:
+    return APIError(499, message, code="client_closed_request")
+
+
 def _cost(route: Route, completion: dict[str, Any]) -> float | None:
     if route.input_price_per_million is None or route.output_price_per_million is None:
         return None
@@ -163,6 +167,9 @@ class ChatService:
                 return outcome.completion
         except APIError as exc:
             outcome.error = exc
+            raise
+        except asyncio.CancelledError:  # the caller left (a gRPC deadline, say): not a success
+            outcome.error = client_closed()
             raise
         finally:
             self._log(project_id, raw, options, requested_at, outcome)
@@ -340,9 +347,7 @@ class ChatService:
             if not outcome.cache_hit:
                 outcome.completion = merge_chunks(seen) or outcome.completion
                 if not finished and outcome.error is None:
-                    outcome.error = APIError(
-                        499, "the client closed the stream before it ended", code="client_closed_request"
-                    )
+                    outcome.error = client_closed("the client closed the stream before it ended")
                 if finished and options.writes_cache and outcome.completion:
                     await self._cache_set(key, outcome.completion)
             self._log(project_id, raw, options, requested_at, outcome)

@@ -1,0 +1,179 @@
+"""gRPC ``Inference``: chat completions for other services (relabel, judge, eval) without HTTP.
+
+Both calls go through the same ``ChatService`` as ``POST /chat/completions``, so routing,
+caching, logging, fallback, pruning and mixture of agents are identical. The caller's
+project comes from ``authorization: Bearer <key>`` metadata, exactly as over HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any, NoReturn
+
+import grpc
+import orjson
+from pydantic import ValidationError
+
+from services.common.auth import KeyRing, resolve_project
+from services.common.errors import APIError, bad_request
+from services.common.grpc.distillery.v1 import inference_pb2, inference_pb2_grpc
+from services.router.protocol import DISABLED_CACHE, ChatCompletionRequest, Fallback, OpenPipeOptions
+from services.router.service import CallOptions, ChatService
+from services.router.views import CACHE_MODES
+
+log = logging.getLogger(__name__)
+
+INTERNAL_ERROR = "The inference router failed unexpectedly. Retry later."
+
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_code(http_status: int) -> grpc.StatusCode:
+    """The gRPC code for the HTTP status the same call would get over HTTP."""
+    return STATUS_CODES.get(http_status, grpc.StatusCode.INTERNAL)
+
+
+def error_metadata(exc: APIError) -> tuple[tuple[str, str], ...]:
+    """The rest of the OpenAI error envelope (type, code, param) as trailing metadata."""
+    fields = (("error-type", exc.type), ("error-code", exc.code), ("error-param", exc.param))
+    return tuple((key, value) for key, value in fields if value and value.isascii())
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    errors = exc.errors()
+    param = ".".join(str(p) for p in errors[0].get("loc", ())) or None
+    details = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors[:5])
+    return bad_request(f"request_json failed validation: {details}", param=param)
+
+
+def parse_request(request_json: str, *, stream: bool) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    """The raw OpenAI body (as the router forwards it) and its validated form.
+
+    The RPC decides whether to stream, not the body's ``stream`` field.
+    """
+    try:
+        raw = orjson.loads(request_json)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"request_json is not valid JSON: {exc}", param="request_json") from None
+    if not isinstance(raw, dict):
+        raise bad_request("request_json must be a JSON object.", param="request_json")
+    if stream:
+        raw["stream"] = True
+    else:
+        raw.pop("stream", None)
+        raw.pop("stream_options", None)
+    try:
+        body = ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    return raw, body
+
+
+def _cache_mode(value: str | bool | None, source: str) -> str | None:
+    if value is None or value is False or str(value).lower() in DISABLED_CACHE:
+        return None
+    if value not in CACHE_MODES:
+        raise bad_request(f"{source} must be one of {', '.join(CACHE_MODES)}, got {value!r}.", param=source)
+    return str(value)
+
+
+def call_options(request: inference_pb2.CompletionRequest, body: ChatCompletionRequest) -> CallOptions:
+    """The typed options win over the body's ``openpipe`` field, which wins over ``store``
+    (the same order as the ``op-*`` headers over HTTP)."""
+    options = body.openpipe or OpenPipeOptions()
+    if request.HasField("log_request"):
+        log_request = request.log_request
+    elif options.logRequest is not None or options.log_request is not None:
+        log_request = bool(options.logRequest if options.logRequest is not None else options.log_request)
+    else:
+        log_request = bool(body.store)
+    cache = (
+        _cache_mode(request.cache, "cache") if request.cache else _cache_mode(options.cache, "openpipe.cache")
+    )
+    fallback = options.fallback
+    if request.HasField("fallback"):
+        if not request.fallback.model:
+            raise bad_request("fallback.model must name the model to fall back to.", param="fallback.model")
+        fallback = Fallback(model=request.fallback.model, timeout=request.fallback.timeout_ms or None)
+    tags = {**(options.tags or {}), **request.tags}
+    return CallOptions(log_request=log_request, cache=cache, tags=tags, fallback=fallback)
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == "authorization":
+            return value if isinstance(value, str) else None
+    return None
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: APIError) -> NoReturn:
+    """End the call with the mapped code and the client-safe message (never a key)."""
+    await context.abort(status_code(exc.status_code), exc.message, trailing_metadata=error_metadata(exc))
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, chat: ChatService, keyring: KeyRing) -> None:
+        self.chat = chat
+        self.keyring = keyring
+
+    async def _prepare(
+        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext, *, stream: bool
+    ) -> tuple[str, dict[str, Any], CallOptions]:
+        try:
+            project_id = resolve_project(self.keyring, _authorization(context))
+            raw, body = parse_request(request.request_json, stream=stream)
+            options = call_options(request, body)
+        except APIError as exc:
+            await _abort(context, exc)
+        return project_id, raw, options
+
+    async def Complete(
+        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.CompletionResponse:
+        project_id, raw, options = await self._prepare(request, context, stream=False)
+        error: APIError | None = None
+        try:
+            completion = await self.chat.complete(project_id=project_id, raw=raw, options=options)
+        except APIError as exc:
+            error = exc
+        except Exception:
+            log.exception("Inference.Complete failed")
+            error = APIError(500, INTERNAL_ERROR, type="server_error")
+        if error is not None:
+            await _abort(context, error)
+        return inference_pb2.CompletionResponse(completion_json=orjson.dumps(completion).decode())
+
+    async def StreamComplete(
+        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.CompletionChunk]:
+        project_id, raw, options = await self._prepare(request, context, stream=True)
+        error: APIError | None = None
+        try:
+            chunks = await self.chat.open_chunks(project_id=project_id, raw=raw, options=options)
+            async with aclosing(chunks):  # a caller that cancels still gets its call logged
+                async for chunk in chunks:
+                    yield inference_pb2.CompletionChunk(chunk_json=orjson.dumps(chunk).decode())
+        except APIError as exc:
+            error = exc
+        except Exception:
+            log.exception("Inference.StreamComplete failed")
+            error = APIError(500, INTERNAL_ERROR, type="server_error")
+        if error is not None:
+            await _abort(context, error)
+
+
+def add_to_server(server: grpc.aio.Server, *, chat: ChatService, keyring: KeyRing) -> None:
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(chat, keyring), server)
