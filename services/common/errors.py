@@ -63,6 +63,9 @@ def _location(loc: tuple) -> str:
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        reason = (errors[0].get("ctx") or {}).get("error", "malformed JSON")
+        return f"Request body is not valid JSON: {reason} (at byte {errors[0]['loc'][-1]})", "body"
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     param = _location(tuple(first.get("loc", ())))
     details = "; ".join(f"{_location(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors[:5])

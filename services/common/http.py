@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
+from starlette.applications import Starlette
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import APIError, error_body
@@ -11,9 +15,23 @@ API_PREFIX = "/api/v1"
 # Bodies refused by Content-Length are read and discarded up to this size before the 413;
 # beyond it the connection is closed at once rather than spend bandwidth on them.
 DRAIN_LIMIT = 64 * 1024 * 1024
+# app.state attribute: the (method, path regex) of routes exempt from BodySizeLimit.
+_STREAMED_BODY_ROUTES = "streamed_body_routes"
 
 
-async def _drain(receive: Receive) -> None:
+def exempt_from_body_limit(app: Starlette, method: str, path: str) -> None:
+    """Let ``method path`` (a route template, API prefix included) past ``BodySizeLimit``.
+
+    For routes that stream their body and enforce their own, larger limit (file uploads).
+    """
+    routes: list[tuple[str, re.Pattern[str]]] | None = getattr(app.state, _STREAMED_BODY_ROUTES, None)
+    if routes is None:
+        routes = []
+        setattr(app.state, _STREAMED_BODY_ROUTES, routes)
+    routes.append((method.upper(), compile_path(path)[0]))
+
+
+async def drain_body(receive: Receive) -> None:
     while True:
         message = await receive()
         if message["type"] != "http.request" or not message.get("more_body", False):
@@ -27,20 +45,34 @@ def too_large(max_bytes: int) -> APIError:
 
 
 class BodySizeLimit:
-    """Refuses bodies over ``max_bytes`` with a 413: up front by Content-Length, or while streaming."""
+    """Refuses bodies over ``max_bytes`` with a 413: up front by Content-Length, or while streaming.
+
+    Routes registered with ``exempt_from_body_limit`` (uploads) pass: they enforce their own limit.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
+    @staticmethod
+    def _exempt(scope: Scope) -> bool:
+        state = getattr(scope.get("app"), "state", None)
+        routes = getattr(state, _STREAMED_BODY_ROUTES, None)
+        if not routes:
+            return False
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        return any(method == scope["method"] and regex.match(path) for method, regex in routes)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self._exempt(scope):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             if int(declared) <= self.max_bytes + DRAIN_LIMIT:
-                await _drain(receive)  # so the client, still sending, can read the 413
+                await drain_body(receive)  # so the client, still sending, can read the 413
             await self._reject(send)
             return
         received = 0
@@ -54,7 +86,7 @@ class BodySizeLimit:
                 if received > self.max_bytes:
                     exceeded = True
                     if message.get("more_body", False) and received <= self.max_bytes + DRAIN_LIMIT:
-                        await _drain(receive)
+                        await drain_body(receive)
                     return {"type": "http.request", "body": b"", "more_body": False}
             return message
 

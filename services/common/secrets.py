@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import logging
 import os
 import stat
@@ -118,6 +120,14 @@ def load_or_create_key(settings: Settings) -> bytes:
         os.fsync(file.fileno())
     log.info("created a new secret key at %s; back it up (provider secrets cannot be read without it)", path)
     return key
+
+
+def internal_token(settings: Settings) -> str:
+    """The service-to-service credential: ``DISTILLERY_INTERNAL_TOKEN`` if set, else derived from the
+    secret key (HMAC-SHA256 of ``"internal-token"``), so processes sharing the key share the token."""
+    if settings.internal_token is not None and settings.internal_token.get_secret_value().strip():
+        return settings.internal_token.get_secret_value().strip()
+    return hmac.new(load_or_create_key(settings), b"internal-token", hashlib.sha256).hexdigest()
 
 
 def _read_key_file(path: Path) -> bytes:

@@ -38,8 +38,22 @@ class Settings(BaseSettings):
     # Seals provider API keys in the catalog and on ``catalog.v1`` (AES-256-GCM): base64 of 32
     # random bytes, shared by every process. Unset: ``<data_dir>/secret.key``, created on first start.
     secret_key: SecretStr | None = None
+    # Service-to-service credential (api → ingest ``LogQuery``, sent as ``x-distillery-internal-token``
+    # gRPC metadata). Unset: derived from the secret key, so every process of one install agrees.
+    internal_token: SecretStr | None = None
+    # Where the api reaches ingest's gRPC ``LogQuery`` (``host:port``); empty: this process's gRPC port.
+    ingest_grpc_url: str = ""
+    # Worker processes converting logs into dataset rows during an import (0: in the api's event
+    # loop); unset: the CPUs the api leaves over, at most 4.
+    log_import_workers: int | None = None
+    # Where the relabel worker reaches the router's gRPC Inference ("" = this process's gRPC port).
+    router_grpc_url: str = ""
+    # Model calls one relabel worker keeps in flight.
+    relabel_concurrency: int = 8
 
     max_body_bytes: int = 8 * 1024 * 1024
+    # Dataset file uploads (JSONL) stream to the blob store and have their own, larger limit.
+    max_upload_bytes: int = 1 * 1024**3
     # A report is acknowledged only once Kafka has it; past this the client gets a 503 to retry.
     publish_timeout_seconds: float = 10.0
 
@@ -72,6 +86,12 @@ class Settings(BaseSettings):
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / 'catalog.db').resolve()}"
+
+    def resolved_router_grpc_url(self) -> str:
+        return self.router_grpc_url or f"127.0.0.1:{self.grpc_port}"
+
+    def resolved_ingest_grpc_url(self) -> str:
+        return self.ingest_grpc_url or f"127.0.0.1:{self.grpc_port}"
 
     def resolved_blob_url(self) -> str:
         return self.blob_url or f"file://{(self.data_dir / 'blobs').resolve()}"

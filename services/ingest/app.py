@@ -6,6 +6,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from services.common.clickhouse import ClickHouse
+from services.common.secrets import internal_token
 from services.ingest import grpc as log_query
 from services.ingest import store
 from services.ingest.consumers import register_log_writer
@@ -24,7 +25,14 @@ async def setup(platform: Platform) -> None:
     platform.state["ingest"] = IngestDeps(
         broker=platform.broker, clickhouse=ch, publish_timeout=settings.publish_timeout_seconds
     )
-    platform.grpc_servicers.append(partial(log_query.add_to_server, clickhouse=ch, keyring=platform.keyring))
+    platform.grpc_servicers.append(
+        partial(
+            log_query.add_to_server,
+            clickhouse=ch,
+            keyring=platform.keyring,
+            internal_token=internal_token(settings),
+        )
+    )
 
     async def close() -> None:
         ch.close()

@@ -1,11 +1,17 @@
 """gRPC ``LogQuery``: other services search and count a project's request logs.
 
 The caller's project comes from ``authorization: Bearer <key>`` metadata, exactly as over
-HTTP; a call never sees another project's logs.
+HTTP; a call never sees another project's logs. Platform services that hold no project key
+(the api importing logs into a dataset) send ``x-distillery-internal-token: <token>`` and
+``x-distillery-project: <project id>`` instead: the shared internal token (see
+``services.common.secrets.internal_token``) vouches for the caller, the project header decides
+whose logs it sees. Neither the token nor a key is ever logged or echoed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
 from collections.abc import AsyncIterator
 
@@ -23,6 +29,10 @@ log = logging.getLogger(__name__)
 STATUSES = ("success", "error", "pending")
 
 STORE_UNAVAILABLE = "The log store is unavailable. Retry later."
+DEFAULT_BATCH_LOGS = 1000
+MAX_BATCH_LOGS = 10_000
+BATCH_PAYLOAD_BYTES = 8 * 1024 * 1024  # payloads per batch, unless one log alone is larger
+PAGE_ROWS = 5000  # rows per ClickHouse query behind SearchBatches
 
 
 class InvalidArgument(ValueError):
@@ -50,7 +60,12 @@ def filters_from_proto(message: logs_pb2.LogFilters) -> LogFilters:
 
 def row_to_proto(row: dict) -> logs_pb2.RequestLog:
     """A stored row; the OpenAI-shaped payloads fall back to the raw ones when not converted."""
-    return logs_pb2.RequestLog(
+    return logs_pb2.RequestLog(**log_fields(row))
+
+
+def log_fields(row: dict, *, raw_payloads: bool = True) -> dict:
+    """The ``RequestLog`` fields of a stored row (raw payloads left empty unless ``raw_payloads``)."""
+    return dict(
         id=row["log_id"],
         requested_at_ms=row["requested_at_ms"],
         received_at_ms=row["received_at_ms"],
@@ -67,29 +82,85 @@ def row_to_proto(row: dict) -> logs_pb2.RequestLog:
         cost_usd=row["cost_usd"],
         cache_hit=bool(row["cache_hit"]),
         metadata=dict(row["metadata"]),
-        req_payload_json=row["req_payload"],
-        resp_payload_json=row["resp_payload"],
+        req_payload_json=row["req_payload"] if raw_payloads else "",
+        resp_payload_json=row["resp_payload"] if raw_payloads else "",
         openai_request_json=row["openai_req"] or row["req_payload"],
         openai_response_json=row["openai_resp"] or row["resp_payload"],
     )
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+INTERNAL_TOKEN_HEADER = "x-distillery-internal-token"
+PROJECT_HEADER = "x-distillery-project"
+
+
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
     for key, value in context.invocation_metadata() or ():
-        if key.lower() == "authorization":
+        if key.lower() == name:
             return value if isinstance(value, str) else None
     return None
 
 
+async def prefetched_pages(
+    ch: ClickHouse,
+    project_id: str,
+    filters: LogFilters,
+    *,
+    page_size: int,
+    limit: int | None,
+    before_id: str | None,
+) -> AsyncIterator[list[dict]]:
+    """Matching rows page by page, newest first, the next page already being read from ClickHouse
+    while the caller works on this one (as ``service.iter_logs``, which waits for each page)."""
+    sent = 0
+
+    def fetch(cursor: str | None) -> asyncio.Future[list[dict]]:
+        size = page_size if limit is None else min(page_size, limit - sent)
+        return asyncio.ensure_future(store.search(ch, project_id, filters, limit=size, before_id=cursor))
+
+    pending: asyncio.Future[list[dict]] | None = fetch(before_id or None)
+    try:
+        while pending is not None:
+            expected = page_size if limit is None else min(page_size, limit - sent)
+            rows = await pending
+            sent += len(rows)
+            more = len(rows) == expected and (limit is None or sent < limit)
+            pending = fetch(rows[-1]["log_id"]) if more else None
+            if rows:
+                yield rows
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    return _metadata(context, "authorization")
+
+
 class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
-    def __init__(self, clickhouse: ClickHouse, keyring: KeyRing) -> None:
+    def __init__(self, clickhouse: ClickHouse, keyring: KeyRing, internal_token: str | None = None) -> None:
         self.clickhouse = clickhouse
         self.keyring = keyring
+        self._internal_token = internal_token.encode() if internal_token else None
+
+    def _internal_project(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The project an internal caller names, if its token matches (constant-time); else None."""
+        token = _metadata(context, INTERNAL_TOKEN_HEADER)
+        if token is None:
+            return None
+        project_id = (_metadata(context, PROJECT_HEADER) or "").strip()
+        if self._internal_token is None or not project_id:
+            raise APIError(401, "Invalid internal credentials.")
+        if not hmac.compare_digest(token.encode(), self._internal_token):
+            raise APIError(401, "Invalid internal credentials.")
+        return project_id
 
     async def _project(self, context: grpc.aio.ServicerContext) -> str:
         try:
+            internal = self._internal_project(context)
+            if internal is not None:
+                return internal
             return resolve_project(self.keyring, _authorization(context))
-        except APIError as exc:  # the message never echoes the key
+        except APIError as exc:  # the message never echoes the key or the token
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
 
     async def _filters(self, message: logs_pb2.LogFilters, context: grpc.aio.ServicerContext) -> LogFilters:
@@ -113,6 +184,42 @@ class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
             log.warning("LogQuery.Search failed: %s", exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, STORE_UNAVAILABLE)
 
+    async def SearchBatches(
+        self, request: logs_pb2.SearchLogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[logs_pb2.RequestLogBatch]:
+        project_id = await self._project(context)
+        filters = await self._filters(request.filters, context)
+        size = min(request.batch_size or DEFAULT_BATCH_LOGS, MAX_BATCH_LOGS)
+        pages = prefetched_pages(
+            self.clickhouse,
+            project_id,
+            filters,
+            page_size=max(size, PAGE_ROWS),
+            limit=request.limit or None,
+            before_id=request.before_id,
+        )
+        raw = not request.omit_raw_payloads
+        batch, payload_bytes = logs_pb2.RequestLogBatch(), 0
+        try:
+            async for rows in pages:
+                for row in rows:
+                    row_bytes = len(row["openai_req"] or row["req_payload"])
+                    row_bytes += len(row["openai_resp"] or row["resp_payload"])
+                    if raw:
+                        row_bytes += len(row["req_payload"]) + len(row["resp_payload"])
+                    if batch.logs and (
+                        len(batch.logs) >= size or payload_bytes + row_bytes > BATCH_PAYLOAD_BYTES
+                    ):
+                        yield batch
+                        batch, payload_bytes = logs_pb2.RequestLogBatch(), 0
+                    batch.logs.add(**log_fields(row, raw_payloads=raw))
+                    payload_bytes += row_bytes
+        except Exception as exc:
+            log.warning("LogQuery.SearchBatches failed: %s", exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STORE_UNAVAILABLE)
+        if batch.logs:
+            yield batch
+
     async def Count(
         self, request: logs_pb2.CountLogsRequest, context: grpc.aio.ServicerContext
     ) -> logs_pb2.CountLogsResponse:
@@ -126,5 +233,9 @@ class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
         return logs_pb2.CountLogsResponse(count=total)
 
 
-def add_to_server(server: grpc.aio.Server, *, clickhouse: ClickHouse, keyring: KeyRing) -> None:
-    logs_pb2_grpc.add_LogQueryServicer_to_server(LogQueryServicer(clickhouse, keyring), server)
+def add_to_server(
+    server: grpc.aio.Server, *, clickhouse: ClickHouse, keyring: KeyRing, internal_token: str | None = None
+) -> None:
+    """``internal_token`` enables the internal-caller path; without it only project keys work."""
+    servicer = LogQueryServicer(clickhouse, keyring, internal_token)
+    logs_pb2_grpc.add_LogQueryServicer_to_server(servicer, server)

@@ -204,6 +204,10 @@ class DeploymentSpec(BaseModel):
     model: ModelName = Field(description="the model name the upstream server expects")
     apiKey: SecretValue | None = None
     pruningRules: list[PruningRule] = Field(default_factory=list, max_length=100)
+    # Instead of texts: copy a dataset's pruning rules (all, or those named, in the dataset's order)
+    # as they are now; later edits of the dataset's rules do not change the deployment.
+    datasetId: str | None = Field(default=None, min_length=1, max_length=40)
+    pruningRuleIds: list[str] | None = Field(default=None, max_length=100)
     defaultTemperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     inputPricePerMillion: Price | None = None
     outputPricePerMillion: Price | None = None

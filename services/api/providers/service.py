@@ -336,11 +336,18 @@ async def get_deployment(
 
 
 async def put_deployment(
-    *, session: AsyncSession, project_id: str, slug: str, spec: DeploymentSpec, secret_key: bytes
+    *,
+    session: AsyncSession,
+    project_id: str,
+    slug: str,
+    spec: DeploymentSpec,
+    secret_key: bytes,
+    pruning_rules: list[str] | None = None,
 ) -> tuple[Deployment, bool]:
     """Create or replace ``openpipe:<slug>``; returns it and whether it was created.
 
     Every field is replaced except ``apiKey``: absent keeps the stored key, ``null`` removes it.
+    ``pruning_rules`` (texts copied from a dataset's rules) replaces ``spec.pruningRules`` when given.
     """
     query = (
         select(Deployment)
@@ -357,7 +364,7 @@ async def put_deployment(
     deployment.upstream_model = spec.model
     if "apiKey" in spec.model_fields_set:
         deployment.api_key_enc = _seal(spec.apiKey, secret_key)
-    deployment.pruning_rules = list(spec.pruningRules)
+    deployment.pruning_rules = list(spec.pruningRules if pruning_rules is None else pruning_rules)
     deployment.default_temperature = spec.defaultTemperature
     deployment.input_price_per_million = spec.inputPricePerMillion
     deployment.output_price_per_million = spec.outputPricePerMillion

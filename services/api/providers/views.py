@@ -29,6 +29,7 @@ from services.api.providers.models import (
     ProviderKeysOut,
     ProviderKeysUpdate,
 )
+from services.api.pruning import service as pruning
 from services.common.auth import require_project
 from services.common.events import CatalogRecord
 
@@ -161,8 +162,14 @@ async def put_deployment(
     project_id: str = Depends(require_project),
 ) -> DeploymentOut:
     async with c.write() as session:
+        copied = await pruning.rules_for_deployment(session=session, project_id=project_id, spec=body)
         deployment, created = await service.put_deployment(
-            session=session, project_id=project_id, slug=slug, spec=body, secret_key=c.secret_key
+            session=session,
+            project_id=project_id,
+            slug=slug,
+            spec=body,
+            secret_key=c.secret_key,
+            pruning_rules=copied,
         )
         c.publish(service.deployment_record(deployment))
     response.status_code = 201 if created else 200

@@ -1,7 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -34,14 +34,24 @@ class LogFilters(_message.Message):
     def __init__(self, model: _Optional[str] = ..., completion_id: _Optional[str] = ..., status: _Optional[str] = ..., requested_after_ms: _Optional[int] = ..., requested_before_ms: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., request_contains: _Optional[str] = ..., response_not_contains: _Optional[str] = ...) -> None: ...
 
 class SearchLogsRequest(_message.Message):
-    __slots__ = ("filters", "limit", "before_id")
+    __slots__ = ("filters", "limit", "before_id", "batch_size", "omit_raw_payloads")
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     BEFORE_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OMIT_RAW_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     filters: LogFilters
     limit: int
     before_id: str
-    def __init__(self, filters: _Optional[_Union[LogFilters, _Mapping]] = ..., limit: _Optional[int] = ..., before_id: _Optional[str] = ...) -> None: ...
+    batch_size: int
+    omit_raw_payloads: bool
+    def __init__(self, filters: _Optional[_Union[LogFilters, _Mapping]] = ..., limit: _Optional[int] = ..., before_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., omit_raw_payloads: _Optional[bool] = ...) -> None: ...
+
+class RequestLogBatch(_message.Message):
+    __slots__ = ("logs",)
+    LOGS_FIELD_NUMBER: _ClassVar[int]
+    logs: _containers.RepeatedCompositeFieldContainer[RequestLog]
+    def __init__(self, logs: _Optional[_Iterable[_Union[RequestLog, _Mapping]]] = ...) -> None: ...
 
 class CountLogsRequest(_message.Message):
     __slots__ = ("filters",)

@@ -40,6 +40,11 @@ class LogQueryStub:
                 request_serializer=distillery_dot_v1_dot_logs__pb2.SearchLogsRequest.SerializeToString,
                 response_deserializer=distillery_dot_v1_dot_logs__pb2.RequestLog.FromString,
                 _registered_method=True)
+        self.SearchBatches = channel.unary_stream(
+                '/distillery.v1.LogQuery/SearchBatches',
+                request_serializer=distillery_dot_v1_dot_logs__pb2.SearchLogsRequest.SerializeToString,
+                response_deserializer=distillery_dot_v1_dot_logs__pb2.RequestLogBatch.FromString,
+                _registered_method=True)
         self.Count = channel.unary_unary(
                 '/distillery.v1.LogQuery/Count',
                 request_serializer=distillery_dot_v1_dot_logs__pb2.CountLogsRequest.SerializeToString,
@@ -53,6 +58,14 @@ class LogQueryServicer:
 
     def Search(self, request, context):
         """Matching logs, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchBatches(self, request, context):
+        """The same logs, many per message: for bulk readers (dataset import), where one message
+        per log would cost more than the log itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +85,11 @@ def add_LogQueryServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=distillery_dot_v1_dot_logs__pb2.SearchLogsRequest.FromString,
                     response_serializer=distillery_dot_v1_dot_logs__pb2.RequestLog.SerializeToString,
+            ),
+            'SearchBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.SearchBatches,
+                    request_deserializer=distillery_dot_v1_dot_logs__pb2.SearchLogsRequest.FromString,
+                    response_serializer=distillery_dot_v1_dot_logs__pb2.RequestLogBatch.SerializeToString,
             ),
             'Count': grpc.unary_unary_rpc_method_handler(
                     servicer.Count,
@@ -107,6 +125,33 @@ class LogQuery:
             '/distillery.v1.LogQuery/Search',
             distillery_dot_v1_dot_logs__pb2.SearchLogsRequest.SerializeToString,
             distillery_dot_v1_dot_logs__pb2.RequestLog.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/distillery.v1.LogQuery/SearchBatches',
+            distillery_dot_v1_dot_logs__pb2.SearchLogsRequest.SerializeToString,
+            distillery_dot_v1_dot_logs__pb2.RequestLogBatch.FromString,
             options,
             channel_credentials,
             insecure,

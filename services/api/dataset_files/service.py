@@ -1,0 +1,491 @@
+"""Dataset files: the upload job, exports and snapshots, as plain functions over a session and a blob store.
+
+- Upload: the spooled JSONL goes to ``uploads/<project>/<dataset>/<job id>.jsonl``; a ``DatasetJob``
+  (kind ``upload``) reads it back line by line and adds entries in batches, committing progress
+  (lines done / total) with each batch. Bad lines are reported as ``line N: ...`` and never sink
+  the file.
+- Export: every entry as one ``to_training_row`` line at ``exports/<project>/<dataset>/<ts>.jsonl``;
+  uploading that file again gives the same dataset.
+- Snapshot: the dataset with its pruning rules applied, frozen as an immutable, content-addressed
+  ``snapshots/<dataset>/<sha256>.jsonl``. The trainer and eval read these.
+
+Entries are read page by page in (content_hash, id) order, backed by the dataset/hash index: no
+whole dataset is ever held in memory, and the order depends only on the content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.api.dataset_files.models import DatasetExportOut, DatasetSnapshotOut
+from services.api.dataset_files.spool import SpooledFile
+from services.api.datasets.jobs import create_job, finish, record_progress
+from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob, DatasetSnapshot, PruningRule
+from services.api.datasets.rows import to_training_row
+from services.api.datasets.service import add_entries, get_dataset, iso, lock_dataset, new_id, now
+from services.common.blobstore import BlobStore
+from services.common.errors import bad_request
+from services.common.http import API_PREFIX
+from services.common.pruning import apply_pruning_rules
+
+NDJSON = "application/x-ndjson"
+UPLOAD_BATCH_LINES = 1000  # rows per add_entries call and per progress commit
+MAX_LINE_BYTES = 64 * 1024 * 1024  # a longer line is reported, never buffered whole
+ENTRY_PAGE = 1000
+EXPORT_URL_TTL = timedelta(hours=1)
+EXPORT_NAME_FORMAT = "%Y%m%dT%H%M%S%fZ"
+EXPORT_NAME_PATTERN = r"^\d{8}T\d{12}Z\.jsonl$"
+_BOM = b"\xef\xbb\xbf"
+
+
+def upload_key(project_id: str, dataset_id: str, job_id: str) -> str:
+    return f"uploads/{project_id}/{dataset_id}/{job_id}.jsonl"
+
+
+def export_key(project_id: str, dataset_id: str, name: str) -> str:
+    return f"exports/{project_id}/{dataset_id}/{name}"
+
+
+def snapshot_key(dataset_id: str, content_hash: str) -> str:
+    return f"snapshots/{dataset_id}/{content_hash}.jsonl"
+
+
+def _dumps(value: Any) -> bytes:
+    """Canonical JSON (sorted keys, no spaces): the same content always gives the same bytes."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+# --- reading entries -------------------------------------------------------------------------
+
+_ENTRY_COLUMNS = (
+    DatasetEntry.id,
+    DatasetEntry.content_hash,
+    DatasetEntry.split,
+    DatasetEntry.messages,
+    DatasetEntry.tools,
+    DatasetEntry.tool_choice,
+    DatasetEntry.response_format,
+    DatasetEntry.output,
+    DatasetEntry.rejected_message,
+    DatasetEntry.entry_metadata.label("metadata"),
+)
+
+
+async def entry_pages(
+    *, session: AsyncSession, dataset_id: str, page_size: int = ENTRY_PAGE
+) -> AsyncIterator[list[Row]]:
+    """The dataset's entries, ``page_size`` rows at a time, by keyset in (content_hash, id) order."""
+    last: tuple[str, str] | None = None
+    while True:
+        query = select(*_ENTRY_COLUMNS).where(DatasetEntry.dataset_id == dataset_id)
+        if last is not None:
+            query = query.where(
+                or_(
+                    DatasetEntry.content_hash > last[0],
+                    and_(DatasetEntry.content_hash == last[0], DatasetEntry.id > last[1]),
+                )
+            )
+        rows = list(
+            await session.execute(query.order_by(DatasetEntry.content_hash, DatasetEntry.id).limit(page_size))
+        )
+        if not rows:
+            return
+        yield rows
+        if len(rows) < page_size:
+            return
+        last = (rows[-1].content_hash, rows[-1].id)
+
+
+def _training_row(row: Row, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    return to_training_row(
+        messages=messages,
+        output=row.output,
+        tools=row.tools,
+        tool_choice=row.tool_choice,
+        response_format=row.response_format,
+        rejected_message=row.rejected_message,
+        split=row.split,
+        metadata=row.metadata,
+    )
+
+
+@dataclass
+class Written:
+    entry_count: int
+    size: int
+    sha256: str
+
+
+async def _write_jsonl(path: Path, pages: AsyncIterator[list[bytes]]) -> Written:
+    """Write the pages of lines to ``path`` (in a worker thread), counting and hashing them."""
+    digest = hashlib.sha256()
+    count = size = 0
+    handle = await asyncio.to_thread(open, path, "wb")
+    try:
+        async for lines in pages:
+            data = b"".join(lines)
+            digest.update(data)
+            count += len(lines)
+            size += len(data)
+            await asyncio.to_thread(handle.write, data)
+    finally:
+        await asyncio.to_thread(handle.close)
+    return Written(count, size, digest.hexdigest())
+
+
+@asynccontextmanager
+async def _scratch_file(workdir: Path | None, suffix: str) -> AsyncIterator[Path]:
+    if workdir is not None:
+        await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(suffix=suffix, dir=workdir)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        await asyncio.to_thread(Path(name).unlink, True)
+
+
+# --- upload ----------------------------------------------------------------------------------
+
+
+async def start_upload(
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    blobs: BlobStore,
+    project_id: str,
+    dataset_id: str,
+    spooled: SpooledFile,
+) -> tuple[DatasetJob, str]:
+    """Create the upload job and store the spooled file under its key; returns (job, blob URI).
+
+    If the blob store refuses the file, the job row is removed again: nothing half-written stays.
+    """
+    file_info = {"name": spooled.filename, "bytes": spooled.size, "sha256": spooled.sha256}
+    async with sessions.begin() as session:
+        await get_dataset(session=session, project_id=project_id, dataset_id=dataset_id)
+        job = await create_job(
+            session=session,
+            project_id=project_id,
+            dataset_id=dataset_id,
+            kind="upload",
+            total=spooled.lines,
+        )
+        key = upload_key(project_id, dataset_id, job.id)
+        job.params = {"key": key, "file": file_info}
+        job.result = {"file": file_info}
+    try:
+        uri = await blobs.put_file(key, spooled.path, content_type=NDJSON)
+    except BaseException:
+        async with sessions.begin() as session:
+            await session.execute(delete(DatasetJob).where(DatasetJob.id == job.id))
+        raise
+    return job, uri
+
+
+async def iter_lines(
+    chunks: AsyncIterator[bytes], *, max_line: int = MAX_LINE_BYTES
+) -> AsyncIterator[tuple[int, bytes | None]]:
+    """(1-based line number, line without its newline) for each line of the stream.
+
+    A line longer than ``max_line`` comes as ``None`` and is skipped, never buffered whole.
+    """
+    pending = bytearray()
+    number = 0
+    overlong = False
+    async for chunk in chunks:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if not overlong:
+                pending += piece
+                if len(pending) > max_line:
+                    overlong = True
+                    pending.clear()
+            if end < 0:
+                break
+            number += 1
+            yield number, None if overlong else bytes(pending)
+            pending.clear()
+            overlong = False
+            start = end + 1
+    if pending or overlong:
+        yield number + 1, None if overlong else bytes(pending)
+
+
+@dataclass
+class _UploadTotals:
+    created: int = 0
+    duplicates: int = 0
+
+    def result(self, error_count: int) -> dict[str, int]:
+        return {"entries_created": self.created, "duplicates": self.duplicates, "errors": error_count}
+
+
+class _DatasetGone(Exception):
+    """The job was deleted (with its dataset, by cascade) while the upload was being read."""
+
+
+def _line_error(number: int, message: str) -> dict[str, Any]:
+    return {"line": number, "message": f"line {number}: {message}"}
+
+
+_BLANK = object()
+
+
+def _parse_line(number: int, line: bytes | None) -> tuple[Any, dict[str, Any] | None]:
+    """(row, None) for a JSON line, (None, error) for a bad one, (_BLANK, None) for a blank one."""
+    if line is None:
+        return None, _line_error(number, f"the line is longer than the limit of {MAX_LINE_BYTES} bytes")
+    if number == 1 and line.startswith(_BOM):
+        line = line[len(_BOM) :]
+    if not line.strip():
+        return _BLANK, None
+    try:
+        return orjson.loads(line), None
+    except orjson.JSONDecodeError as exc:
+        return None, _line_error(number, f"invalid JSON at column {exc.colno}: {exc.msg}")
+
+
+async def process_upload(
+    *, sessions: async_sessionmaker[AsyncSession], blobs: BlobStore, job_id: str, uri: str | None = None
+) -> None:
+    """The upload job: read the stored file back line by line and add its rows in batches."""
+    async with sessions.begin() as session:
+        job = await session.get(DatasetJob, job_id)
+        if job is None:
+            return
+        record_progress(job, status="running")
+        if uri:
+            job.params = {**job.params, "file": {**job.params.get("file", {}), "uri": uri}}
+            job.result = {**job.result, "file": job.params["file"]}
+        key, project_id, dataset_id = job.params["key"], job.project_id, job.dataset_id
+
+    totals = _UploadTotals()
+    batch: list[tuple[int, Any]] = []  # (line number, parsed JSON)
+    problems: list[dict[str, Any]] = []
+    rows_seen = 0
+    done = 0
+
+    async def commit() -> None:
+        async with sessions.begin() as session:
+            job = await session.get(DatasetJob, job_id)
+            if job is None:
+                raise _DatasetGone
+            if batch:
+                # Holding the dataset's write lock, so concurrent writers cannot slip in duplicates.
+                dataset = await lock_dataset(session=session, project_id=project_id, dataset_id=dataset_id)
+                added = await add_entries(
+                    session=session, dataset=dataset, rows=[row for _, row in batch], source="upload"
+                )
+                problems.extend(_line_error(batch[p.index][0], p.message) for p in added.errors)
+                totals.created += added.created
+                totals.duplicates += added.duplicates
+            problems.sort(key=lambda p: p["line"])
+            record_progress(job, done=done, errors=problems)
+            job.result = {**job.result, **totals.result(job.error_count)}
+        batch.clear()
+        problems.clear()
+
+    try:
+        async for number, line in iter_lines(blobs.iter_chunks(key), max_line=MAX_LINE_BYTES):
+            done = number
+            row, problem = _parse_line(number, line)
+            if row is _BLANK:
+                continue
+            rows_seen += 1
+            if problem is not None:
+                problems.append(problem)
+            else:
+                batch.append((number, row))  # add_entries judges it (a JSON null is not an entry)
+            if len(batch) + len(problems) >= UPLOAD_BATCH_LINES:
+                await commit()
+        if rows_seen == 0:
+            problems.append({"line": 0, "message": "the file holds no JSON lines"})
+        await commit()
+    except _DatasetGone:
+        return
+    async with sessions.begin() as session:
+        job = await session.get(DatasetJob, job_id)
+        if job is None:
+            return
+        finish(job, result=totals.result(job.error_count))
+        if job.error_count and not (totals.created or totals.duplicates):
+            job.status = "failed"  # progress counts lines read, so finish() alone would say partial
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Export:
+    dataset_id: str
+    name: str
+    key: str
+    uri: str
+    entry_count: int
+    size: int
+    created: datetime
+
+
+async def _export_lines(session: AsyncSession, dataset_id: str) -> AsyncIterator[list[bytes]]:
+    async for page in entry_pages(session=session, dataset_id=dataset_id):
+        yield [_dumps(_training_row(row, row.messages)) + b"\n" for row in page]
+
+
+async def export_dataset(
+    *, session: AsyncSession, blobs: BlobStore, dataset: Dataset, workdir: Path | None = None
+) -> Export:
+    """Write the dataset as JSONL (re-importable by upload) to the blob store, streaming page by page."""
+    moment = now()
+    name = f"{moment.strftime(EXPORT_NAME_FORMAT)}.jsonl"
+    key = export_key(dataset.project_id, dataset.id, name)
+    async with _scratch_file(workdir, ".jsonl") as path:
+        written = await _write_jsonl(path, _export_lines(session, dataset.id))
+        uri = await blobs.put_file(key, path, content_type=NDJSON)
+    return Export(dataset.id, name, key, uri, written.entry_count, written.size, moment)
+
+
+async def export_out(export: Export, blobs: BlobStore) -> DatasetExportOut:
+    url = await blobs.presigned_get_url(export.key, EXPORT_URL_TTL)
+    return DatasetExportOut(
+        dataset_id=export.dataset_id,
+        name=export.name,
+        uri=export.uri,
+        url=url,
+        url_expires=iso(now() + EXPORT_URL_TTL) if url else None,
+        download=f"{API_PREFIX}/datasets/{export.dataset_id}/exports/{export.name}",
+        entry_count=export.entry_count,
+        bytes=export.size,
+        created=iso(export.created),
+    )
+
+
+# --- snapshots -------------------------------------------------------------------------------
+
+_snapshot_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+def snapshot_lock(dataset_id: str) -> asyncio.Lock:
+    """Serializes snapshot creation for one dataset in this process; hold it across the commit."""
+    lock = _snapshot_locks.get(dataset_id)
+    if lock is None:
+        lock = _snapshot_locks[dataset_id] = asyncio.Lock()
+    return lock
+
+
+async def pruning_rule_texts(*, session: AsyncSession, dataset_id: str) -> tuple[str, ...]:
+    """The dataset's rules in the order they apply."""
+    query = (
+        select(PruningRule.text)
+        .where(PruningRule.dataset_id == dataset_id)
+        .order_by(PruningRule.position, PruningRule.created_at, PruningRule.id)
+    )
+    return tuple(await session.scalars(query))
+
+
+async def _snapshot_lines(
+    session: AsyncSession, dataset_id: str, rules: tuple[str, ...]
+) -> AsyncIterator[list[bytes]]:
+    async for page in entry_pages(session=session, dataset_id=dataset_id):
+        lines = []
+        for row in page:
+            line = _training_row(row, apply_pruning_rules(row.messages, rules))
+            line["entry_id"] = row.id  # lets eval tie its per-row results back to the entry
+            lines.append(_dumps(line) + b"\n")
+        yield lines
+
+
+async def _find_snapshot(session: AsyncSession, dataset_id: str, content_hash: str) -> DatasetSnapshot | None:
+    return await session.scalar(
+        select(DatasetSnapshot).where(
+            DatasetSnapshot.dataset_id == dataset_id, DatasetSnapshot.content_hash == content_hash
+        )
+    )
+
+
+async def create_snapshot(
+    *,
+    session: AsyncSession,
+    blobs: BlobStore,
+    dataset: Dataset,
+    rules: Sequence[str] | None = None,
+    workdir: Path | None = None,
+) -> DatasetSnapshot:
+    """Freeze ``dataset`` with its pruning rules applied (or ``rules``, e.g. a model's copied texts).
+
+    The JSONL is canonical (entries in (content_hash, id) order, sorted keys), so the same content
+    always hashes the same: an unchanged dataset gives back its existing snapshot row, and a
+    changed one a new row and a new blob. Blobs are named by their sha256 and never rewritten.
+    Each line is a ``to_training_row`` plus ``entry_id``. An empty dataset is a 400.
+    """
+    if rules is None:
+        rules = await pruning_rule_texts(session=session, dataset_id=dataset.id)
+    texts = tuple(rules)
+    async with _scratch_file(workdir, ".jsonl") as path:
+        written = await _write_jsonl(path, _snapshot_lines(session, dataset.id, texts))
+        if written.entry_count == 0:
+            raise bad_request(f"Dataset {dataset.id!r} has no entries to snapshot.", param="dataset_id")
+        key = snapshot_key(dataset.id, written.sha256)
+        existing = await _find_snapshot(session, dataset.id, written.sha256)
+        if existing is not None:
+            if not await blobs.exists(key):  # the store lost it: the bytes are the same, restore them
+                await blobs.put_file(key, path, content_type=NDJSON)
+            return existing
+        uri = await blobs.put_file(key, path, content_type=NDJSON)
+    snapshot = DatasetSnapshot(
+        id=new_id("snap"),
+        content_hash=written.sha256,
+        dataset_id=dataset.id,
+        uri=uri,
+        entry_count=written.entry_count,
+        created_at=now(),
+    )
+    try:
+        async with session.begin_nested():
+            session.add(snapshot)
+    except IntegrityError:
+        # Another process stored the same content between our check and our insert.
+        existing = await _find_snapshot(session, dataset.id, written.sha256)
+        if existing is None:
+            raise
+        return existing
+    return snapshot
+
+
+async def list_snapshots(*, session: AsyncSession, dataset_id: str) -> list[DatasetSnapshot]:
+    """Newest first."""
+    return list(
+        await session.scalars(
+            select(DatasetSnapshot)
+            .where(DatasetSnapshot.dataset_id == dataset_id)
+            .order_by(DatasetSnapshot.created_at.desc(), DatasetSnapshot.id.desc())
+        )
+    )
+
+
+def snapshot_out(snapshot: DatasetSnapshot) -> DatasetSnapshotOut:
+    return DatasetSnapshotOut(
+        id=snapshot.id,
+        dataset_id=snapshot.dataset_id,
+        content_hash=snapshot.content_hash,
+        uri=snapshot.uri,
+        entry_count=snapshot.entry_count,
+        created=iso(snapshot.created_at),
+    )
