@@ -28,7 +28,7 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("api", "ingest", "router")
+SERVICES = ("api", "ingest", "router", "relabel")
 Hook = Callable[[], Awaitable[None]]
 
 

@@ -7,6 +7,7 @@ name picks a scenario, so a test can ask for failures:
 - ``*-500``: always a 500 server error
 - ``*-400``: a 400 invalid_request_error
 - ``*-slow``: answers after 2 s
+- a last user message containing ``[fail]``: always a 500 (a failure in the middle of a batch)
 - anything else: success (echoing the last user message so answers differ per prompt)
 
 Every request is recorded (path, headers, JSON body) for assertions.
@@ -243,6 +244,10 @@ def build_app(fake: FakeUpstream) -> FastAPI:
         model = deployment or body.get("model", "")
         if (failure := await _scenario(fake, model)) is not None:
             return failure
+        if "[fail]" in _last_user_text(body.get("messages") or []):
+            return _openai_error(
+                500, "The server had an error while processing your request.", "server_error", None
+            )
         completion = _openai_completion({**body, "model": model})
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -5,12 +5,21 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from services.api.dataset_files.views import UPLOAD_PATH
+from services.api.dataset_files.views import router as dataset_files_router
+from services.api.datasets.views import router as datasets_router
+from services.api.log_imports.service import LogImporter, default_workers
+from services.api.log_imports.views import router as log_imports_router
 from services.api.projects import service as projects
 from services.api.projects.views import router as projects_router
 from services.api.providers import service as providers
 from services.api.providers.views import router as providers_router
+from services.api.pruning.views import router as pruning_router
+from services.api.relabel.consumers import register_results_consumer
+from services.api.relabel.views import router as relabel_router
 from services.common.db import make_engine, make_sessionmaker, migrate
-from services.common.secrets import load_or_create_key
+from services.common.http import API_PREFIX, exempt_from_body_limit
+from services.common.secrets import internal_token, load_or_create_key
 
 if TYPE_CHECKING:
     from services.platform import Platform
@@ -37,6 +46,24 @@ async def setup(platform: Platform) -> None:
     platform.state["publish_timeout"] = settings.publish_timeout_seconds
     platform.routers.append(projects_router)
     platform.routers.append(providers_router)
+    platform.routers.append(datasets_router)
+    # Log import reads ingest's gRPC LogQuery as an internal caller (only ingest touches ClickHouse).
+    log_importer = LogImporter(
+        settings.resolved_ingest_grpc_url(),
+        internal_token(settings),
+        workers=default_workers() if settings.log_import_workers is None else settings.log_import_workers,
+    )
+    platform.state["log_importer"] = log_importer
+    platform.on_stop.append(log_importer.close)
+    platform.routers.append(log_imports_router)
+    platform.routers.append(pruning_router)
+    platform.routers.append(relabel_router)
+    register_results_consumer(platform.broker, sessions, settings)
+    # JSONL upload, export and snapshots go through the blob store (file:// or S3).
+    platform.state["blobs"] = platform.blobs
+    platform.state["settings"] = settings
+    platform.routers.append(dataset_files_router)
+    exempt_from_body_limit(platform.app, "POST", API_PREFIX + UPLOAD_PATH)  # enforces max_upload_bytes
 
     if settings.bootstrap_api_key is not None:
         async with sessions.begin() as session:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
+from collections.abc import Iterable
 
 from fastapi import Request
 
@@ -70,3 +72,40 @@ def resolve_project(keyring: KeyRing, authorization: str | None) -> str:
 async def require_project(request: Request) -> str:
     """FastAPI dependency: the caller's project id."""
     return resolve_project(request.app.state.keyring, request.headers.get("authorization"))
+
+
+# --- gRPC callers ---------------------------------------------------------------------------------
+
+INTERNAL_TOKEN_HEADER = "x-distillery-internal-token"
+PROJECT_HEADER = "x-distillery-project"
+
+
+def grpc_metadata(metadata: Iterable[tuple[str, str | bytes]] | None, name: str) -> str | None:
+    for key, value in metadata or ():
+        if key.lower() == name:
+            return value if isinstance(value, str) else None
+    return None
+
+
+def resolve_grpc_project(
+    keyring: KeyRing, metadata: Iterable[tuple[str, str | bytes]] | None, internal_token: str | None
+) -> str:
+    """The project a gRPC call acts for.
+
+    Clients send their project key (``authorization: Bearer <key>``). Distillery's own
+    services (which hold no project keys) send the install's internal token and name the
+    project (``x-distillery-internal-token`` + ``x-distillery-project``). Errors never echo
+    either secret.
+    """
+    metadata = list(metadata or ())
+    token = grpc_metadata(metadata, INTERNAL_TOKEN_HEADER)
+    if token is None:
+        return resolve_project(keyring, grpc_metadata(metadata, "authorization"))
+    project_id = (grpc_metadata(metadata, PROJECT_HEADER) or "").strip()
+    if (
+        not internal_token
+        or not project_id
+        or not hmac.compare_digest(token.encode(), internal_token.encode())
+    ):
+        raise unauthorized("Invalid internal credentials.")
+    return project_id

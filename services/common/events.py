@@ -79,3 +79,40 @@ class DeadLetter(BaseModel):
     key: str | None = None
     payload: str
     failed_at: int
+
+
+RELABEL_REQUESTS_TOPIC = "relabel.requests.v1"
+RELABEL_RESULTS_TOPIC = "relabel.results.v1"
+
+
+class RelabelItem(BaseModel):
+    """One entry to relabel: everything the model needs, so the worker never reads the catalog."""
+
+    entry_id: str
+    base_revision: int = Field(description="the entry revision the new output replaces")
+    request: dict[str, Any] = Field(description="OpenAI chat request body: messages, tools, ...")
+
+
+class RelabelRequest(BaseModel):
+    """A batch of entries to relabel with one model, on ``relabel.requests.v1`` (key: job id)."""
+
+    request_id: str = Field(description="stable: job id and batch number")
+    job_id: str
+    project_id: str
+    dataset_id: str
+    model: str
+    items: list[RelabelItem]
+
+
+class RelabelResult(BaseModel):
+    """The new output for one entry, or why there is none, on ``relabel.results.v1`` (key: job id)."""
+
+    result_id: str = Field(description="stable: job id and entry id")
+    job_id: str
+    project_id: str
+    dataset_id: str
+    entry_id: str
+    base_revision: int
+    model: str
+    output: dict[str, Any] | None = None
+    error: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING
 
-from services.common.secrets import load_or_create_key
+from services.common.secrets import internal_token, load_or_create_key
 from services.router import grpc as inference
 from services.router.cache import make_cache
 from services.router.capture import LogShipper
@@ -43,7 +43,14 @@ async def setup(platform: Platform) -> None:
     )
     platform.state["chat"] = chat
     platform.routers.append(router)
-    platform.grpc_servicers.append(partial(inference.add_to_server, chat=chat, keyring=platform.keyring))
+    platform.grpc_servicers.append(
+        partial(
+            inference.add_to_server,
+            chat=chat,
+            keyring=platform.keyring,
+            internal_token=internal_token(settings),
+        )
+    )
 
     async def start() -> None:
         shipper.start()

@@ -2,7 +2,8 @@
 
 Both calls go through the same ``ChatService`` as ``POST /chat/completions``, so routing,
 caching, logging, fallback, pruning and mixture of agents are identical. The caller's
-project comes from ``authorization: Bearer <key>`` metadata, exactly as over HTTP.
+project comes from ``authorization: Bearer <key>`` metadata, exactly as over HTTP, or, for
+Distillery's own services, from the internal token (see ``services.common.auth``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import grpc
 import orjson
 from pydantic import ValidationError
 
-from services.common.auth import KeyRing, resolve_project
+from services.common.auth import KeyRing, resolve_grpc_project
 from services.common.errors import APIError, bad_request
 from services.common.grpc.distillery.v1 import inference_pb2, inference_pb2_grpc
 from services.router.protocol import DISABLED_CACHE, ChatCompletionRequest, Fallback, OpenPipeOptions
@@ -111,13 +112,6 @@ def call_options(request: inference_pb2.CompletionRequest, body: ChatCompletionR
     return CallOptions(log_request=log_request, cache=cache, tags=tags, fallback=fallback)
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key.lower() == "authorization":
-            return value if isinstance(value, str) else None
-    return None
-
-
 async def _abort(context: grpc.aio.ServicerContext, exc: APIError) -> NoReturn:
     """End the call with the mapped code and the client-safe message (never a key)."""
     await context.abort(status_code(exc.status_code), exc.message, trailing_metadata=error_metadata(exc))
@@ -125,15 +119,18 @@ async def _abort(context: grpc.aio.ServicerContext, exc: APIError) -> NoReturn:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, chat: ChatService, keyring: KeyRing) -> None:
+    def __init__(self, chat: ChatService, keyring: KeyRing, internal_token: str | None = None) -> None:
         self.chat = chat
         self.keyring = keyring
+        self.internal_token = internal_token
 
     async def _prepare(
         self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext, *, stream: bool
     ) -> tuple[str, dict[str, Any], CallOptions]:
         try:
-            project_id = resolve_project(self.keyring, _authorization(context))
+            project_id = resolve_grpc_project(
+                self.keyring, context.invocation_metadata(), self.internal_token
+            )
             raw, body = parse_request(request.request_json, stream=stream)
             options = call_options(request, body)
         except APIError as exc:
@@ -175,5 +172,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await _abort(context, error)
 
 
-def add_to_server(server: grpc.aio.Server, *, chat: ChatService, keyring: KeyRing) -> None:
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(chat, keyring), server)
+def add_to_server(
+    server: grpc.aio.Server, *, chat: ChatService, keyring: KeyRing, internal_token: str | None = None
+) -> None:
+    """``internal_token`` lets Distillery's own services (relabel, judge, eval) call for a project."""
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(chat, keyring, internal_token), server
+    )
