@@ -125,7 +125,7 @@ async def run_demo(*, data_dir: Path, n_logs: int, console: Console) -> None:
     )
     server = uvicorn.Server(
         uvicorn.Config(
-            Platform(settings).app,
+            Platform(settings).asgi,
             host="127.0.0.1",
             port=settings.http_port,
             log_level="warning",

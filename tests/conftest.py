@@ -77,7 +77,7 @@ class RunningPlatform:
 
 async def serve_in_background(platform: Platform) -> tuple[uvicorn.Server, asyncio.Task]:
     config = uvicorn.Config(
-        platform.app, host="127.0.0.1", port=platform.settings.http_port, log_level="warning", lifespan="on"
+        platform.asgi, host="127.0.0.1", port=platform.settings.http_port, log_level="warning", lifespan="on"
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, timedelta
 
 import grpc
+import orjson
 import pytest
 from sqlalchemy import select, text
 
@@ -20,6 +23,8 @@ from services.api.datasets import jobs
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
 from services.api.datasets.service import new_id, now
 from services.api.log_imports import service as imports
+from services.api.projects.models import Project as ProjectRow
+from services.common.db import make_engine, make_sessionmaker, migrate
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
 from services.common.secrets import internal_token
 from tests.conftest import Project, RunningPlatform, wait_for_count, wait_until
@@ -534,3 +539,98 @@ async def test_invalid_bodies_name_the_field(
         assert response.status_code == 404
     async with running.platform.state["sessions"]() as session:
         assert (await jobs.list_jobs(session=session, project_id=project.id, dataset_id=dataset_id)) == []
+
+
+# --- the writer on both catalog databases --------------------------------------------------------
+
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def catalog_url(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
+        return
+    import asyncpg
+
+    name = f"distillery_test_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_bulk_writer_round_trips_on_sqlite_and_postgres(catalog_url: str) -> None:
+    """Rows go to the driver pre-serialized: they must read back through the ORM exactly."""
+    await migrate(catalog_url)
+    engine = make_engine(catalog_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        async with sessions.begin() as session:
+            moment = now()
+            session.add(ProjectRow(id="proj_bulk", name=f"bulk-{secrets.token_hex(3)}", created_at=moment))
+            await session.flush()
+            session.add(
+                Dataset(id="ds_bulk", project_id="proj_bulk", name="d", created_at=moment, updated_at=moment)
+            )
+            await session.flush()
+            job = await jobs.create_job(
+                session=session, project_id="proj_bulk", dataset_id="ds_bulk", kind="import_logs"
+            )
+        request = {
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "héllo \u2603"}],
+            "tools": [WEATHER_TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        }
+        batch = logs_pb2.RequestLogBatch()
+        for i in range(1700):  # more than one multi-row statement
+            response = {"choices": [{"message": {"role": "assistant", "content": f"answer {i}"}}]}
+            batch.logs.add(
+                id=f"log-{i:05d}",
+                status="success" if i % 10 else "error",
+                metadata={"i": str(i)},
+                openai_request_json=orjson.dumps(request).decode(),
+                openai_response_json=orjson.dumps(response).decode(),
+            )
+        batch.logs.add(id="log-bad", status="success", openai_request_json="{", openai_response_json="{}")
+        bulk, stamp = await imports._timestamp_value(sessions)
+        converted = imports.convert_batch(batch.SerializeToString(), "ds_bulk", stamp)
+        assert (converted.read, converted.failed_calls, len(converted.rows)) == (1701, 170, 1530)
+        assert converted.errors == [{"log_id": "log-bad", "message": "the logged payload is not valid JSON"}]
+        tally = imports.Tally()
+        for _ in range(2):  # the second time, every row is already there
+            await imports._write_batch(
+                sessions=sessions,
+                job_id=job.id,
+                dataset_id="ds_bulk",
+                bulk=bulk,
+                batch=converted,
+                tally=tally,
+            )
+        assert tally.result() == {
+            "logs_read": 3402,
+            "entries_created": 1530,
+            "skipped_duplicates": 1530,
+            "skipped_failed": 340,
+            "skipped_invalid": 2,
+        }
+        async with sessions() as session:
+            rows = list(await session.scalars(select(DatasetEntry).order_by(DatasetEntry.id)))
+            stored_job = await session.get(DatasetJob, job.id)
+        assert len(rows) == 1530 and len({r.id for r in rows}) == 1530
+        assert [r.source_log_id for r in rows[:2]] == ["log-00001", "log-00002"]  # ids follow the stream
+        first = rows[0]
+        assert first.messages == [{"role": "user", "content": "héllo \u2603"}]
+        assert first.output == {"role": "assistant", "content": "answer 1"}
+        assert first.tools == [WEATHER_TOOL] and first.tool_choice == request["tool_choice"]
+        assert first.response_format is None and first.rejected_message is None
+        assert first.entry_metadata == {"i": "1"} and first.source == first.provenance == "request_log"
+        assert first.created_at.replace(tzinfo=None) == first.updated_at.replace(tzinfo=None)
+        assert abs(first.created_at.replace(tzinfo=UTC) - moment) < timedelta(minutes=5)
+        assert stored_job.progress_done == 3402 and stored_job.error_count == 2
+    finally:
+        await engine.dispose()

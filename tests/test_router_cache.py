@@ -20,8 +20,13 @@ def test_cache_key_rules() -> None:
     assert key == cache_key("p1", {**REQUEST, "temperature": 1.7, "stream": True, "metadata": {"a": "b"}})
     assert key == cache_key("p1", dict(reversed(list(REQUEST.items()))))  # canonical JSON
     assert key != cache_key("p2", REQUEST)  # per project
-    for field, value in [("model", "gpt-4o"), ("max_tokens", 11), ("tools", [{"type": "function"}]),
-                         ("response_format", {"type": "json_object"}), ("tool_choice", "required")]:
+    for field, value in [
+        ("model", "gpt-4o"),
+        ("max_tokens", 11),
+        ("tools", [{"type": "function"}]),
+        ("response_format", {"type": "json_object"}),
+        ("tool_choice", "required"),
+    ]:
         assert key != cache_key("p1", {**REQUEST, field: value}), field
 
 

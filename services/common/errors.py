@@ -61,6 +61,14 @@ def _location(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
+def invalid_input(errors: list[dict], *, what: str = "Input") -> APIError:
+    """A 400 naming up to five invalid fields, from pydantic's error list."""
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    param = _location(tuple(first.get("loc", ())))
+    details = "; ".join(f"{_location(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors[:5])
+    return APIError(400, f"{what} validation failed: {details}", param=param, code="invalid_request")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     errors = exc.errors()
     if errors and errors[0].get("type") == "json_invalid":

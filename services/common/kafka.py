@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
@@ -35,6 +36,18 @@ def make_broker(kafka_url: str, **kwargs) -> KafkaBroker:
         enable_idempotence=False,
         logger=None,
         **kwargs,
+    )
+
+
+def make_producer(kafka_url: str) -> AIOKafkaProducer:
+    """A bare producer for hot paths that publish ready-made bytes (no framework per message)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=kafka_url,
+        linger_ms=5,
+        max_batch_size=1024 * 1024,
+        max_request_size=16 * 1024 * 1024,
+        enable_idempotence=False,
+        acks="all",
     )
 
 

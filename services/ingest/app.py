@@ -6,11 +6,14 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from services.common.clickhouse import ClickHouse
+from services.common.http import API_PREFIX, BodySizeLimit
+from services.common.kafka import make_producer
 from services.common.secrets import internal_token
 from services.ingest import grpc as log_query
 from services.ingest import store
 from services.ingest.consumers import register_log_writer
-from services.ingest.views import IngestDeps, router
+from services.ingest.fastpath import ReportEndpoint
+from services.ingest.views import REPORT_MODELS, IngestDeps, router
 
 if TYPE_CHECKING:
     from services.platform import Platform
@@ -22,9 +25,15 @@ async def setup(platform: Platform) -> None:
     await store.create_schema(ch)
     register_log_writer(platform.broker, ch, settings)
     platform.routers.append(router)
-    platform.state["ingest"] = IngestDeps(
-        broker=platform.broker, clickhouse=ch, publish_timeout=settings.publish_timeout_seconds
-    )
+    producer = make_producer(settings.kafka_url)
+    await producer.start()
+    deps = IngestDeps(producer=producer, clickhouse=ch, publish_timeout=settings.publish_timeout_seconds)
+    platform.state["ingest"] = deps
+    for route in REPORT_MODELS:
+        endpoint = ReportEndpoint(route, keyring=platform.keyring, deps=deps)
+        platform.fast_routes[("POST", f"{API_PREFIX}{route}")] = BodySizeLimit(
+            endpoint, settings.max_body_bytes
+        )
     platform.grpc_servicers.append(
         partial(
             log_query.add_to_server,
@@ -34,7 +43,11 @@ async def setup(platform: Platform) -> None:
         )
     )
 
+    async def stop_producer() -> None:
+        await producer.stop()
+
     async def close() -> None:
         ch.close()
 
+    platform.on_stopping.append(stop_producer)
     platform.on_stop.append(close)

@@ -71,6 +71,12 @@ async def insert_with_retry(ch: ClickHouse, rows: list[list], *, give_up_after: 
             delay = min(delay * 2, 5.0)
 
 
+async def _raw_records_only(_msg: object) -> None:
+    """The writer parses raw records itself (poison messages included): skip FastStream's decoding,
+    which would otherwise parse every record's JSON a second time."""
+    return None
+
+
 def register_log_writer(
     broker: KafkaBroker,
     ch: ClickHouse,
@@ -92,6 +98,7 @@ def register_log_writer(
         heartbeat_interval_ms=settings.kafka_heartbeat_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         ack_policy=AckPolicy.NACK_ON_ERROR,
+        decoder=_raw_records_only,
     )
     async def write_logs(msg: KafkaMessage) -> None:
         records: tuple[ConsumerRecord, ...] = msg.raw_message  # type: ignore[assignment]

@@ -8,13 +8,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
+from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
-from faststream.kafka import KafkaBroker
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
 
 from services.common.auth import require_project
 from services.common.clickhouse import ClickHouse
-from services.common.errors import APIError, bad_request, not_found, unavailable
+from services.common.errors import APIError, bad_request, invalid_input, not_found, unavailable
 from services.common.events import LOGS_TOPIC, LogEvent
 from services.common.log_fields import stringify
 from services.ingest import service, store
@@ -39,12 +40,12 @@ MAX_PAGE = 1000
 
 @dataclass
 class IngestDeps:
-    broker: KafkaBroker
+    producer: AIOKafkaProducer
     clickhouse: ClickHouse
     publish_timeout: float
 
 
-def deps(request: Request) -> IngestDeps:
+async def deps(request: Request) -> IngestDeps:
     return request.app.state.ingest
 
 
@@ -52,7 +53,9 @@ async def publish_event(d: IngestDeps, event: LogEvent) -> None:
     """Wait for the broker's ack: a 200 means the log is durable in Kafka."""
     try:
         async with asyncio.timeout(d.publish_timeout):
-            await d.broker.publish(event.model_dump(mode="json"), LOGS_TOPIC, key=event.project_id.encode())
+            await d.producer.send_and_wait(
+                LOGS_TOPIC, event.model_dump_json().encode(), key=event.project_id.encode()
+            )
     except Exception as exc:
         log.warning("publishing log %s failed: %s", event.log_id, type(exc).__name__)
         raise unavailable(
@@ -70,20 +73,55 @@ async def _query(coro):  # type: ignore[no-untyped-def]
         raise unavailable("The log store is unavailable. Retry later.") from exc
 
 
-@router.post("/report", response_model=ReportResponse)
+OK_BODY = ReportResponse().model_dump_json().encode()
+REPORT_MODELS: dict[str, tuple[type[ReportRequest], str]] = {
+    "/report": (ReportRequest, "openai"),
+    "/report-anthropic": (AnthropicReportRequest, "anthropic"),
+}
+
+
+def parse_report(raw: bytes, model: type[ReportRequest]) -> ReportRequest:
+    """Raw bytes to a validated body in one step (pydantic's JSON parser)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            message = f"Request body is not valid JSON: {errors[0].get('msg')}"
+            raise bad_request(message, param="body") from None
+        raise invalid_input(errors) from None
+
+
+async def record_report(d: IngestDeps, route: str, raw: bytes, project_id: str) -> None:
+    """Validate a ``/report`` or ``/report-anthropic`` body and publish it; used by the routes
+    below and by the framework-free fast path (``services/ingest/fastpath.py``)."""
+    model, source = REPORT_MODELS[route]
+    await publish_event(
+        d, service.report_to_event(parse_report(raw, model), project_id=project_id, source=source)
+    )
+
+
+def _report_body(model: type[ReportRequest]) -> dict:
+    schema = {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}
+    return {"requestBody": schema}
+
+
+@router.post("/report", response_model=ReportResponse, openapi_extra=_report_body(ReportRequest))
 async def report(
-    body: ReportRequest, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
-) -> ReportResponse:
-    await publish_event(d, service.report_to_event(body, project_id=project_id, source="openai"))
-    return ReportResponse()
+    request: Request, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
+) -> Response:
+    await record_report(d, "/report", await request.body(), project_id)
+    return Response(OK_BODY, media_type="application/json")
 
 
-@router.post("/report-anthropic", response_model=ReportResponse)
+@router.post(
+    "/report-anthropic", response_model=ReportResponse, openapi_extra=_report_body(AnthropicReportRequest)
+)
 async def report_anthropic(
-    body: AnthropicReportRequest, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
-) -> ReportResponse:
-    await publish_event(d, service.report_to_event(body, project_id=project_id, source="anthropic"))
-    return ReportResponse()
+    request: Request, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
+) -> Response:
+    await record_report(d, "/report-anthropic", await request.body(), project_id)
+    return Response(OK_BODY, media_type="application/json")
 
 
 @router.post("/logs/update-metadata", response_model=UpdateMetadataResponse)

@@ -18,7 +18,7 @@ import orjson
 from pydantic import ValidationError
 
 from services.common.auth import KeyRing, resolve_grpc_project
-from services.common.errors import APIError, bad_request
+from services.common.errors import APIError, bad_request, invalid_input
 from services.common.grpc.distillery.v1 import inference_pb2, inference_pb2_grpc
 from services.router.protocol import DISABLED_CACHE, ChatCompletionRequest, Fallback, OpenPipeOptions
 from services.router.service import CallOptions, ChatService
@@ -52,13 +52,6 @@ def error_metadata(exc: APIError) -> tuple[tuple[str, str], ...]:
     return tuple((key, value) for key, value in fields if value and value.isascii())
 
 
-def _validation_error(exc: ValidationError) -> APIError:
-    errors = exc.errors()
-    param = ".".join(str(p) for p in errors[0].get("loc", ())) or None
-    details = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors[:5])
-    return bad_request(f"request_json failed validation: {details}", param=param)
-
-
 def parse_request(request_json: str, *, stream: bool) -> tuple[dict[str, Any], ChatCompletionRequest]:
     """The raw OpenAI body (as the router forwards it) and its validated form.
 
@@ -78,7 +71,7 @@ def parse_request(request_json: str, *, stream: bool) -> tuple[dict[str, Any], C
     try:
         body = ChatCompletionRequest.model_validate(raw)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise invalid_input(exc.errors(), what="request_json") from None
     return raw, body
 
 

@@ -10,7 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from services.common.auth import require_project
-from services.common.errors import APIError, bad_request
+from services.common.errors import bad_request, invalid_input
 from services.router.cache import cache_key
 from services.router.protocol import DISABLED_CACHE, ChatCompletionRequest, OpenPipeOptions
 from services.router.service import CallOptions, ChatService
@@ -29,15 +29,6 @@ async def _json_body(request: Request) -> Any:
         return orjson.loads(await request.body())
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
-
-
-def _validation_error(exc: ValidationError) -> APIError:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    details = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5]
-    )
-    return bad_request(f"Input validation failed: {details}", param=param)
 
 
 def _cache_mode(value: str | bool | None, source: str) -> str | None:
@@ -96,7 +87,7 @@ async def chat_completions(
     try:
         body = ChatCompletionRequest.model_validate(raw)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise invalid_input(exc.errors()) from None
     options = call_options(request, body)
     if body.stream:
         chunks = await chat.open_stream(project_id=project_id, raw=raw, options=options)

@@ -1,19 +1,19 @@
 """Importing request logs into a dataset, server-side and in bulk.
 
 Only ingest reads ClickHouse, so the api streams the matching logs from ingest's gRPC
-``LogQuery.SearchBatches`` (``Search``, a thousand logs per message) as an internal caller:
-``x-distillery-internal-token`` plus the project id in ``x-distillery-project``, which decides
-whose logs are read. Each successful call becomes an entry: the request's messages followed by
-``choices[0].message`` as the output, the request's ``tools``/``tool_choice``/``response_format``,
-the log's metadata, ``source``/``provenance`` ``request_log`` and ``source_log_id`` = the log id.
-Failed and pending calls are skipped; a log already in the dataset is skipped (re-importing is
-idempotent, and the unique ``(dataset_id, source_log_id)`` makes it so under concurrency too).
+``LogQuery.SearchBatches`` (what ``Search`` streams, ``SEARCH_BATCH_LOGS`` logs per message) as
+an internal caller: ``x-distillery-internal-token`` plus the project id in
+``x-distillery-project``, which decides whose logs are read. Each successful call becomes an
+entry: the request's messages followed by ``choices[0].message`` as the output, the request's
+``tools``/``tool_choice``/``response_format``, the log's metadata, ``source``/``provenance``
+``request_log`` and ``source_log_id`` = the log id. Failed and pending calls are skipped; a log
+already in the dataset is skipped: the unique ``(dataset_id, source_log_id)`` with ``ON CONFLICT
+DO NOTHING`` makes re-importing idempotent, concurrent imports included.
 
-Throughput: each message of the stream (up to ``SEARCH_BATCH_LOGS`` logs) is converted into
-ready-to-insert rows by a small pool of worker processes (JSON parsing and row validation are
-CPU-bound; the api's event loop keeps streaming and inserting meanwhile), then inserted with
-one driver-level executemany per message, in its own transaction together with the job's
-progress.
+Throughput: each message of the stream is converted into ready-to-insert rows by a small pool
+of worker processes (JSON parsing and row validation are CPU-bound; the api's event loop keeps
+streaming and inserting meanwhile), then inserted with a few multi-row statements, in one
+transaction together with the job's progress.
 """
 
 from __future__ import annotations
@@ -22,30 +22,32 @@ import asyncio
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable
+import secrets
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain
 from typing import Any
 
 import grpc
 import orjson
-from sqlalchemy import JSON, insert, select
+from sqlalchemy import JSON
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from services.api.datasets import jobs
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
 from services.api.datasets.rows import EntryDraft, EntryError, parse_entry
-from services.api.datasets.service import draft_values, get_dataset, now
+from services.api.datasets.service import draft_values, get_dataset, new_id, now
 from services.api.log_imports.models import JOB_KIND, SOURCE, ImportFilters, ImportLogsRequest
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SEARCH_BATCH_LOGS = 2000  # logs per SearchBatches message = rows per insert transaction
-LOOKUP_CHUNK = 500  # source_log_ids per "already imported?" query
 MAX_WORKERS = 4
 INTERNAL_TOKEN_HEADER = "x-distillery-internal-token"
 PROJECT_HEADER = "x-distillery-project"
@@ -156,79 +158,124 @@ def log_to_draft(log_entry: logs_pb2.RequestLog) -> EntryDraft:
 
 
 # --- rows ready for the driver -------------------------------------------------------------------
+#
+# Rows go to the driver as they are: JSON already serialized (orjson; ``None`` as JSON null, as
+# SQLAlchemy's JSON type stores it) and timestamps already in the driver's form, inserted with
+# multi-row ``INSERT ... VALUES (...), (...) ON CONFLICT (dataset_id, source_log_id) DO NOTHING``
+# statements. Per-row SQLAlchemy processing would cost more than the insert itself, and one
+# statement per row would hand the GIL back and forth with the event loop on every row (SQLite
+# runs in a thread); the statement's row count says how many were new.
 
+_TABLE = DatasetEntry.__table__
+_COLUMNS = tuple(c.name for c in _TABLE.columns)
 _ATTRIBUTE = {c.name: attr.key for attr in DatasetEntry.__mapper__.column_attrs for c in attr.columns}
-_JSON_COLUMNS = frozenset(c.name for c in DatasetEntry.__table__.columns if isinstance(c.type, JSON))
-_TIME_COLUMNS = ("created_at", "updated_at")
+_JSON_COLUMNS = frozenset(c.name for c in _TABLE.columns if isinstance(c.type, JSON))
+_TIME_COLUMNS = frozenset(("created_at", "updated_at"))
 _PLACEHOLDER_MOMENT = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_ROWS_PER_STATEMENT = 1500
+MAX_PARAMETERS = 32_000  # SQLite (since 3.32) allows 32766 per statement, Postgres 32767
 
 
-@dataclass(frozen=True)
-class RowLayout:
-    """``INSERT ... ON CONFLICT (dataset_id, source_log_id) DO NOTHING`` compiled for the catalog's
-    dialect, and how to lay a row out for it. Rows go to the driver as they are (one executemany),
-    JSON already serialized (orjson, as SQLAlchemy's JSON type would store it, ``None`` as JSON
-    null) and timestamps already in the driver's form: per-row SQLAlchemy processing would cost
-    more than the insert itself. Picklable, so worker processes build rows with it."""
-
-    sql: str
-    columns: tuple[str, ...]  # parameter order
-    positional: bool
-
-    @staticmethod
-    def for_dialect(dialect: Dialect) -> RowLayout:
-        table = DatasetEntry.__table__
-        if dialect.name == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        elif dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        else:  # pragma: no cover - the catalog runs on SQLite or Postgres
-            dialect_insert = insert
-        statement = dialect_insert(table)
-        if hasattr(statement, "on_conflict_do_nothing"):
-            statement = statement.on_conflict_do_nothing(index_elements=["dataset_id", "source_log_id"])
-        compiled = statement.compile(dialect=dialect, column_keys=[c.name for c in table.columns])
-        positional = bool(compiled.positional)
-        columns = tuple(compiled.positiontup) if positional else tuple(c.name for c in table.columns)
-        return RowLayout(compiled.string, columns, positional)
-
-    def row(self, values: dict[str, Any], moment: Any) -> tuple[Any, ...] | dict[str, Any]:
-        """``draft_values`` output as driver parameters; ``moment`` is the processed timestamp."""
-        out = []
-        for column in self.columns:
-            if column in _TIME_COLUMNS:
-                out.append(moment)
-            elif column in _JSON_COLUMNS:
-                out.append(orjson.dumps(values[_ATTRIBUTE[column]]).decode())
-            else:
-                out.append(values[_ATTRIBUTE[column]])
-        return tuple(out) if self.positional else dict(zip(self.columns, out, strict=True))
+def entry_row(values: dict[str, Any], moment: Any) -> tuple[Any, ...]:
+    """``draft_values`` output as driver parameters in table column order; ``moment`` processed."""
+    out = []
+    for column in _COLUMNS:
+        if column in _TIME_COLUMNS:
+            out.append(moment)
+        elif column in _JSON_COLUMNS:
+            out.append(orjson.dumps(values[_ATTRIBUTE[column]]).decode())
+        else:
+            out.append(values[_ATTRIBUTE[column]])
+    return tuple(out)
 
 
-_LAYOUTS: dict[str, RowLayout] = {}
+class BulkInsert:
+    """Multi-row inserts of :func:`entry_row` tuples: few statements, so few round trips.
+
+    The SQL is written out here rather than compiled per row count: every row count needs its
+    own statement, and compiling thousands of bound parameters costs more than running them.
+    SQLite (``?``) and Postgres drivers (``$n``, ``%s``) are supported; the target columns are
+    quoted by the dialect.
+    """
+
+    PLACEHOLDERS: dict[str, Callable[[int], str]] = {
+        "qmark": lambda _: "?",
+        "numeric_dollar": lambda k: f"${k}",
+        "numeric": lambda k: f":{k}",
+        "format": lambda _: "%s",
+    }
+
+    def __init__(self, dialect: Dialect) -> None:
+        if dialect.paramstyle not in self.PLACEHOLDERS:  # pragma: no cover - sqlite3, asyncpg, psycopg
+            raise NotImplementedError(f"bulk insert for the {dialect.paramstyle!r} paramstyle")
+        self.dialect = dialect
+        self.rows_per_statement = max(1, min(MAX_ROWS_PER_STATEMENT, MAX_PARAMETERS // len(_COLUMNS)))
+        quote = dialect.identifier_preparer.quote
+        self._head = (
+            f"INSERT INTO {dialect.identifier_preparer.format_table(_TABLE)} "
+            f"({', '.join(quote(c) for c in _COLUMNS)}) VALUES "
+        )
+        self._tail = f" ON CONFLICT ({quote('dataset_id')}, {quote('source_log_id')}) DO NOTHING"
+        self._statements: dict[int, str] = {}
+
+    def statement(self, n: int) -> str:
+        """The SQL for ``n`` rows (the full-size one is kept; a remainder is written each time)."""
+        if n in self._statements:
+            return self._statements[n]
+        placeholder, width = self.PLACEHOLDERS[self.dialect.paramstyle], len(_COLUMNS)
+        rows = ("(" + ", ".join(placeholder(i * width + j + 1) for j in range(width)) + ")" for i in range(n))
+        sql = self._head + ", ".join(rows) + self._tail
+        if n == self.rows_per_statement:
+            self._statements[n] = sql
+        return sql
+
+    async def insert(self, connection: AsyncConnection, rows: list[tuple[Any, ...]]) -> int:
+        """Insert ``rows``; returns how many were new (the others were already in the dataset)."""
+        inserted = 0
+        for start in range(0, len(rows), self.rows_per_statement):
+            chunk = rows[start : start + self.rows_per_statement]
+            result = await connection.exec_driver_sql(
+                self.statement(len(chunk)), tuple(chain.from_iterable(chunk))
+            )
+            inserted += max(result.rowcount, 0)
+        return inserted
 
 
-def layout_for(dialect: Dialect) -> RowLayout:
+_BULK: dict[str, BulkInsert] = {}
+
+
+def bulk_insert_for(dialect: Dialect) -> BulkInsert:
     key = f"{dialect.name}+{dialect.driver}"
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = RowLayout.for_dialect(dialect)
-    return _LAYOUTS[key]
+    if key not in _BULK:
+        _BULK[key] = BulkInsert(dialect)
+    return _BULK[key]
 
 
 @dataclass
 class Converted:
-    """One message of the stream, converted: rows to insert (aligned with ``log_ids``) and counts."""
+    """One message of the stream, converted: rows to insert and what was skipped."""
 
     read: int = 0  # logs this batch accounts for (entries, failed calls, invalid logs)
     failed_calls: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
-    log_ids: list[str] = field(default_factory=list)
-    rows: list[Any] = field(default_factory=list)
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
 
 
-def convert_batch(data: bytes, layout: RowLayout, dataset_id: str, moment: Any) -> Converted:
+def _entry_ids() -> Iterator[str]:
+    """Entry ids in the usual shape (``dse_`` + 20 hex) but increasing: milliseconds, a sequence
+    number, and a per-batch salt. Appending to the primary-key index instead of inserting at
+    random places keeps a large import from slowing down as the table grows."""
+    prefix = f"dse_{time.time_ns() // 1_000_000 & 0xFFFFFFFFFFF:011x}"
+    salt = secrets.randbits(20)
+    for sequence in range(0x10000):
+        yield f"{prefix}{sequence:04x}{salt:05x}"
+    yield from iter(lambda: new_id("dse"), None)  # past 65536 entries in one batch
+
+
+def convert_batch(data: bytes, dataset_id: str, moment: Any) -> Converted:
     """A serialized ``RequestLogBatch`` → driver rows. Runs in a worker process (or inline)."""
     converted = Converted()
+    ids = _entry_ids()
     for entry in logs_pb2.RequestLogBatch.FromString(data).logs:
         converted.read += 1
         if entry.status != "success":
@@ -247,8 +294,8 @@ def convert_batch(data: bytes, layout: RowLayout, dataset_id: str, moment: Any) 
             provenance=SOURCE,
             moment=_PLACEHOLDER_MOMENT,  # replaced by ``moment`` in the row
         )
-        converted.log_ids.append(entry.id)
-        converted.rows.append(layout.row(values, moment))
+        values["id"] = next(ids)
+        converted.rows.append(entry_row(values, moment))
     return converted
 
 
@@ -290,25 +337,12 @@ class Tally:
         }
 
 
-async def _already_imported(*, session: AsyncSession, dataset_id: str, log_ids: list[str]) -> set[str]:
-    found: set[str] = set()
-    for start in range(0, len(log_ids), LOOKUP_CHUNK):
-        chunk = log_ids[start : start + LOOKUP_CHUNK]
-        rows = await session.scalars(
-            select(DatasetEntry.source_log_id).where(
-                DatasetEntry.dataset_id == dataset_id, DatasetEntry.source_log_id.in_(chunk)
-            )
-        )
-        found.update(rows)
-    return found
-
-
 async def _write_batch(
     *,
     sessions: async_sessionmaker[AsyncSession],
     job_id: str,
     dataset_id: str,
-    layout: RowLayout,
+    bulk: BulkInsert,
     batch: Converted,
     tally: Tally,
 ) -> None:
@@ -318,15 +352,12 @@ async def _write_batch(
         job = await session.get(DatasetJob, job_id)
         if dataset is None or job is None:
             raise DatasetGone
-        known = await _already_imported(session=session, dataset_id=dataset_id, log_ids=batch.log_ids)
-        rows = [row for log_id, row in zip(batch.log_ids, batch.rows, strict=True) if log_id not in known]
-        if rows:
-            connection = await session.connection()
-            await connection.exec_driver_sql(layout.sql, rows)
+        created = await bulk.insert(await session.connection(), batch.rows) if batch.rows else 0
+        if created:
             dataset.updated_at = now()
         tally.read += batch.read
-        tally.created += len(rows)
-        tally.duplicates += len(batch.rows) - len(rows)
+        tally.created += created
+        tally.duplicates += len(batch.rows) - created
         tally.failed_calls += batch.failed_calls
         tally.invalid += len(batch.errors)
         jobs.record_progress(job, done=tally.read, errors=batch.errors)
@@ -359,13 +390,13 @@ def _rpc_problem(exc: grpc.aio.AioRpcError) -> str:
     return f"the request logs could not be read ({exc.code().name}); run the import again to resume"
 
 
-async def _timestamp_value(sessions: async_sessionmaker[AsyncSession]) -> tuple[RowLayout, Any]:
-    """The layout for the catalog's dialect and the job's timestamp as the driver takes it."""
+async def _timestamp_value(sessions: async_sessionmaker[AsyncSession]) -> tuple[BulkInsert, Any]:
+    """The inserter for the catalog's dialect and the job's timestamp as the driver takes it."""
     async with sessions() as session:
         dialect = (await session.connection()).dialect
     processor = DatasetEntry.__table__.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
     moment = now()
-    return layout_for(dialect), processor(moment) if processor is not None else moment
+    return bulk_insert_for(dialect), processor(moment) if processor is not None else moment
 
 
 async def run_import(
@@ -381,16 +412,16 @@ async def run_import(
     filters = grpc_filters(body.filters)
     tally = Tally()
     problem: str | None = None
-    layout, moment = await _timestamp_value(sessions)
+    bulk, moment = await _timestamp_value(sessions)
     loop = asyncio.get_running_loop()
     executor = importer.executor()
 
     def convert(data: bytes) -> asyncio.Future[Converted]:
         if executor is None:
             future = loop.create_future()
-            future.set_result(convert_batch(data, layout, dataset_id, moment))
+            future.set_result(convert_batch(data, dataset_id, moment))
             return future
-        return loop.run_in_executor(executor, convert_batch, data, layout, dataset_id, moment)
+        return loop.run_in_executor(executor, convert_batch, data, dataset_id, moment)
 
     async with importer.channel() as channel:
         stub = logs_pb2_grpc.LogQueryStub(channel)
@@ -417,26 +448,16 @@ async def run_import(
             )
             reader = asyncio.create_task(_read_batches(search(request, metadata=metadata), convert, queue))
             try:
-                import time as _t
-                _w = {"get": 0.0, "conv": 0.0, "write": 0.0}
-                while True:
-                    _a = _t.perf_counter()
-                    pending = await queue.get()
-                    _b = _t.perf_counter(); _w["get"] += _b - _a
-                    if pending is None:
-                        log.warning("TIMING %s", _w)
-                        break
+                while (pending := await queue.get()) is not None:
                     batch = await pending
-                    _c = _t.perf_counter(); _w["conv"] += _c - _b
                     await _write_batch(
                         sessions=sessions,
                         job_id=job_id,
                         dataset_id=dataset_id,
-                        layout=layout,
+                        bulk=bulk,
                         batch=batch,
                         tally=tally,
                     )
-                    _w["write"] += _t.perf_counter() - _c
             finally:
                 if not reader.done():
                     reader.cancel()
