@@ -110,6 +110,64 @@ async def _show_capabilities(client: httpx.AsyncClient, console: Console) -> Non
     console.print(f"update-metadata: tagged {tagged.json()['matchedLogs']} enterprise calls relabel=true")
 
 
+async def _wait_job(
+    client: httpx.AsyncClient, dataset_id: str, job: dict, progress: Progress, label: str
+) -> dict:
+    task = progress.add_task(label, total=job["progress"]["total"] or 1)
+    while job["status"] not in ("succeeded", "partial", "failed"):
+        await asyncio.sleep(0.2)
+        job = (await client.get(f"/datasets/{dataset_id}/jobs/{job['id']}")).json()
+        progress.update(task, completed=job["progress"]["done"], total=job["progress"]["total"] or 1)
+    return job
+
+
+async def _build_dataset(client: httpx.AsyncClient, console: Console) -> None:
+    """Curate the captured traffic: import one prompt's logs, prune its static prompt, freeze it."""
+    prompt_id = "support-triage-v3"
+    dataset = (await client.post("/datasets", json={"name": f"{prompt_id} (demo)"})).json()
+    started = (
+        await client.post(
+            f"/datasets/{dataset['id']}/import-logs",
+            json={"filters": {"metadata": {"prompt_id": prompt_id}, "status": "success"}},
+        )
+    ).json()
+    with _progress(console) as progress:
+        job = await _wait_job(client, dataset["id"], started, progress, "importing logs as entries")
+    entries = (await client.get(f"/datasets/{dataset['id']}/entries", params={"limit": 1})).json()["data"]
+    if not entries:
+        console.print("no logs matched the demo prompt; skipping the dataset step")
+        return
+    system_prompt = entries[0]["messages"][0]["content"]
+    await client.post(f"/datasets/{dataset['id']}/pruning-rules", json={"text": system_prompt})
+    preview = (
+        await client.post(f"/datasets/{dataset['id']}/pruning-rules/preview", json={"limit": 1})
+    ).json()
+    export = (await client.post(f"/datasets/{dataset['id']}/export")).json()
+    snapshot = (await client.post(f"/datasets/{dataset['id']}/snapshots")).json()
+    stats = (await client.get(f"/datasets/{dataset['id']}")).json()
+    table = Table(title=f"Dataset {dataset['id']} from the {prompt_id!r} logs")
+    table.add_column("step")
+    table.add_column("result")
+    table.add_row(
+        "import from logs",
+        f"{job['result'].get('imported', stats['dataset_entry_count'])} entries "
+        f"({stats['train_entry_count']} TRAIN / {stats['test_entry_count']} TEST)",
+    )
+    totals = preview["totals"]
+    table.add_row(
+        "pruning rule (the system prompt)",
+        f"saves {totals['tokens_saved']:,} of {totals['tokens_before']:,} prompt tokens "
+        f"in {totals['entries_affected']} entries",
+    )
+    table.add_row(
+        "export (JSONL)", f"{export['entry_count']} lines, {export['bytes']:,} bytes at {export['uri']}"
+    )
+    table.add_row(
+        "snapshot for training", f"{snapshot['content_hash'][:16]}… ({snapshot['entry_count']} rows)"
+    )
+    console.print(table)
+
+
 async def run_demo(*, data_dir: Path, n_logs: int, console: Console) -> None:
     """Run the demo in ``data_dir``, which must be empty (the demo starts from nothing)."""
     tansu = TansuBroker(free_port(), log_path=data_dir / "tansu.log")
@@ -154,6 +212,7 @@ async def run_demo(*, data_dir: Path, n_logs: int, console: Console) -> None:
                 f"({(n_logs - failures) / elapsed:,.0f} logs/s), {failures} refused"
             )
             await _show_capabilities(client, console)
+            await _build_dataset(client, console)
     finally:
         server.should_exit = True
         await serving

@@ -130,3 +130,19 @@ def test_up_serves_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> Non
     assert not _port_open(port) and not _port_open(kafka_port)  # the Tansu child is gone too
     assert not (tmp_path / "run.json").exists()
     assert "opk_cli_bootstrap" not in output  # secrets never reach the logs
+
+
+@pytest.mark.slow
+def test_demo_runs_the_loop_end_to_end(tmp_path: Path) -> None:
+    """`make demo`'s command: capture sample traffic, search it, curate a dataset from it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--logs", "300", "--data-dir", str(tmp_path / "demo")],
+        env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    captured = re.search(r"(\d+) calls captured in", result.stdout)
+    assert captured and int(captured.group(1)) >= 290  # a few sample calls are failures, still captured
+    assert "Captured request logs" in result.stdout
+    assert re.search(r"import from logs\s+│\s+\d+ entries \(\d+ TRAIN / \d+ TEST\)", result.stdout)
+    assert "snapshot for training" in result.stdout and "Distillery stopped." in result.stdout
