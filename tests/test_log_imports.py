@@ -373,12 +373,14 @@ async def test_filters_select_the_logs_to_import(
     assert await imported({"limit": 2}) == {claude}
 
 
-async def test_progress_is_committed_batch_by_batch(
+async def test_progress_is_committed_transaction_by_transaction(
     running: RunningPlatform, logged: tuple[Project, int], make_dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Two logs per stream message, a transaction once two rows are pending; converted inline."""
     project, _ = logged
     dataset_id = await make_dataset(project)
     monkeypatch.setattr(imports, "SEARCH_BATCH_LOGS", 2)
+    monkeypatch.setattr(imports, "ROWS_PER_TRANSACTION", 2)
     seen: list[tuple[int, int | None, int]] = []
     write_batch = imports._write_batch
 
@@ -388,10 +390,16 @@ async def test_progress_is_committed_batch_by_batch(
         seen.append((job.progress_done, job.progress_total, len(await entries(running, dataset_id))))
 
     monkeypatch.setattr(imports, "_write_batch", recording)
-    job = await import_logs(running, project, dataset_id, {})
+    state = running.platform.app.state
+    importer = state.log_importer
+    state.log_importer = imports.LogImporter(importer.address, importer.token, workers=0)
+    try:
+        job = await import_logs(running, project, dataset_id, {})
+    finally:
+        state.log_importer = importer
     assert job.status == "succeeded"
-    # two logs per batch, newest first: failed call + Anthropic (1 entry), tool call + q2, then q1
-    assert seen == [(2, 5, 1), (4, 5, 3), (5, 5, 4)]
+    # newest first: [failed call, Anthropic] holds 1 row, + [tool call, q2] = 3: committed; then q1
+    assert seen == [(4, 5, 3), (5, 5, 4)]
 
 
 async def test_logs_that_cannot_become_entries_are_reported(

@@ -47,7 +47,13 @@ from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SEARCH_BATCH_LOGS = 2000  # logs per SearchBatches message = rows per insert transaction
+SEARCH_BATCH_LOGS = 2000  # logs per SearchBatches message (one conversion task)
+# Rows per insert transaction: SQLite writes each touched index page once per commit, and the
+# content-hash index is touched at random, so larger transactions insert much faster (measured:
+# ~25k rows/s at 10k rows against ~18k at 2k, 600k rows in). A transaction is also committed
+# once FLUSH_SECONDS have passed since the last one, so progress shows on slow streams.
+ROWS_PER_TRANSACTION = 10_000
+FLUSH_SECONDS = 2.0
 MAX_WORKERS = 4
 INTERNAL_TOKEN_HEADER = "x-distillery-internal-token"
 PROJECT_HEADER = "x-distillery-project"
@@ -260,6 +266,12 @@ class Converted:
     errors: list[dict[str, Any]] = field(default_factory=list)
     rows: list[tuple[Any, ...]] = field(default_factory=list)
 
+    def extend(self, other: Converted) -> None:
+        self.read += other.read
+        self.failed_calls += other.failed_calls
+        self.errors += other.errors
+        self.rows += other.rows
+
 
 def _entry_ids() -> Iterator[str]:
     """Entry ids in the usual shape (``dse_`` + 20 hex) but increasing: milliseconds, a sequence
@@ -448,8 +460,24 @@ async def run_import(
             )
             reader = asyncio.create_task(_read_batches(search(request, metadata=metadata), convert, queue))
             try:
+                batch, since = Converted(), time.monotonic()
                 while (pending := await queue.get()) is not None:
-                    batch = await pending
+                    batch.extend(await pending)
+                    if (
+                        len(batch.rows) >= ROWS_PER_TRANSACTION
+                        or batch.read >= 5 * ROWS_PER_TRANSACTION  # failed calls only: still progress
+                        or time.monotonic() - since >= FLUSH_SECONDS
+                    ):
+                        await _write_batch(
+                            sessions=sessions,
+                            job_id=job_id,
+                            dataset_id=dataset_id,
+                            bulk=bulk,
+                            batch=batch,
+                            tally=tally,
+                        )
+                        batch, since = Converted(), time.monotonic()
+                if batch.read:
                     await _write_batch(
                         sessions=sessions,
                         job_id=job_id,

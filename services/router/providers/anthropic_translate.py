@@ -430,14 +430,15 @@ def _convert_messages(req: dict[str, Any]) -> tuple[list[str], list[dict[str, An
     return system, _finish_messages(messages)
 
 
-def _tools(req: dict[str, Any]) -> list[dict[str, Any]]:
+def function_tools(req: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's functions (``tools``, or legacy ``functions``), checked; shared with Gemini."""
     if req.get("tools"):
         param, entries = "tools", list(req["tools"])
     elif req.get("functions"):
         param, entries = "functions", [{"type": "function", "function": f} for f in req["functions"]]
     else:
         return []
-    tools = []
+    functions = []
     for i, tool in enumerate(entries):
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
@@ -447,6 +448,13 @@ def _tools(req: dict[str, Any]) -> list[dict[str, Any]]:
             raise TranslationError(
                 f"{param}[{i}].function.name", "Every tool needs a name.", code="invalid_value"
             )
+        functions.append(function)
+    return functions
+
+
+def _tools(req: dict[str, Any]) -> list[dict[str, Any]]:
+    tools = []
+    for function in function_tools(req):
         entry: dict[str, Any] = {"name": function["name"]}
         if function.get("description"):
             entry["description"] = function["description"]

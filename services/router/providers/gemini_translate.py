@@ -27,6 +27,7 @@ from services.router.providers.anthropic_translate import (
     aparse_sse_lines,
     chunk,
     content_parts,
+    function_tools,
     image_url_of,
     max_output_tokens,
     openai_usage,
@@ -316,22 +317,8 @@ def _convert_messages(req: dict[str, Any]) -> tuple[list[str], list[dict[str, An
 
 
 def _declarations(req: dict[str, Any]) -> list[dict[str, Any]]:
-    if req.get("tools"):
-        param, entries = "tools", list(req["tools"])
-    elif req.get("functions"):
-        param, entries = "functions", [{"type": "function", "function": f} for f in req["functions"]]
-    else:
-        return []
     declarations = []
-    for i, tool in enumerate(entries):
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
-            raise TranslationError(f"{param}[{i}].type", f"Only function tools are supported, not {kind!r}.")
-        function = tool.get("function") or {}
-        if not function.get("name"):
-            raise TranslationError(
-                f"{param}[{i}].function.name", "Every tool needs a name.", code="invalid_value"
-            )
+    for function in function_tools(req):
         declaration: dict[str, Any] = {"name": function["name"]}
         if function.get("description"):
             declaration["description"] = function["description"]
