@@ -150,7 +150,7 @@ async def _build_dataset(client: httpx.AsyncClient, console: Console) -> None:
     table.add_column("result")
     table.add_row(
         "import from logs",
-        f"{job['result'].get('imported', stats['dataset_entry_count'])} entries "
+        f"{job['result'].get('entries_created', stats['dataset_entry_count'])} entries "
         f"({stats['train_entry_count']} TRAIN / {stats['test_entry_count']} TEST)",
     )
     totals = preview["totals"]

@@ -8,12 +8,8 @@ databases (SQLite and Postgres), since the filters and counts are SQL over JSON 
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import AsyncIterator
 from datetime import datetime
-from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 from openpipe.api_client.core.api_error import ApiError
@@ -34,7 +30,6 @@ from services.common.errors import APIError
 from tests.conftest import Project, RunningPlatform
 from tests.test_ingest_errors import assert_error
 
-POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 DATASET_KEYS = {"object", "id", "name", "created", "updated", "dataset_entry_count", "fine_tune_count"}
 STATS_KEYS = {
     "train_entry_count",
@@ -722,19 +717,6 @@ async def test_unstable_routes_through_the_sdk(project: Project) -> None:
 # --- both databases --------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
-        return
-    name = f"distillery_test_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(POSTGRES_ADMIN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_dataset_service_on_both_databases(database_url: str) -> None:

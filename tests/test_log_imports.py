@@ -551,30 +551,14 @@ async def test_invalid_bodies_name_the_field(
 
 # --- the writer on both catalog databases --------------------------------------------------------
 
-POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def catalog_url(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
-        return
-    import asyncpg
-
-    name = f"distillery_test_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(POSTGRES_ADMIN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
-async def test_bulk_writer_round_trips_on_sqlite_and_postgres(catalog_url: str) -> None:
+async def test_bulk_writer_round_trips_on_sqlite_and_postgres(database_url: str) -> None:
     """Rows go to the driver pre-serialized: they must read back through the ORM exactly."""
-    await migrate(catalog_url)
-    engine = make_engine(catalog_url)
+    await migrate(database_url)
+    engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)
     try:
         async with sessions.begin() as session:

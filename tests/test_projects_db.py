@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import asyncpg
 import pytest
 from sqlalchemy.exc import IntegrityError
 
 from services.api.projects import service as projects
 from services.common.auth import hash_api_key
 from services.common.db import make_engine, make_sessionmaker, migrate
-
-POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
-        return
-    name = f"distillery_test_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(POSTGRES_ADMIN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_migrations_projects_and_keys(database_url: str) -> None:

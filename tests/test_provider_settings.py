@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -45,7 +44,6 @@ from services.common.settings import Settings
 from tests.conftest import Project, RunningPlatform, wait_until
 from tests.test_ingest_errors import assert_error
 
-POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 MY_TABLES = {"provider_keys", "external_providers", "external_models", "deployments"}
 
 
@@ -658,19 +656,6 @@ async def test_start_republishes_everything(running: RunningPlatform, project: P
 # --- both databases --------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
-        return
-    name = f"distillery_test_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(POSTGRES_ADMIN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_migration_matches_the_models(database_url: str) -> None:

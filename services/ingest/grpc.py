@@ -11,13 +11,12 @@ whose logs it sees. Neither the token nor a key is ever logged or echoed.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.auth import KeyRing, resolve_project
+from services.common.auth import KeyRing, resolve_grpc_project
 from services.common.clickhouse import ClickHouse
 from services.common.errors import APIError
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
@@ -89,17 +88,6 @@ def log_fields(row: dict, *, raw_payloads: bool = True) -> dict:
     )
 
 
-INTERNAL_TOKEN_HEADER = "x-distillery-internal-token"
-PROJECT_HEADER = "x-distillery-project"
-
-
-def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key.lower() == name:
-            return value if isinstance(value, str) else None
-    return None
-
-
 async def prefetched_pages(
     ch: ClickHouse,
     project_id: str,
@@ -132,34 +120,15 @@ async def prefetched_pages(
             pending.cancel()
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    return _metadata(context, "authorization")
-
-
 class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
     def __init__(self, clickhouse: ClickHouse, keyring: KeyRing, internal_token: str | None = None) -> None:
         self.clickhouse = clickhouse
         self.keyring = keyring
-        self._internal_token = internal_token.encode() if internal_token else None
-
-    def _internal_project(self, context: grpc.aio.ServicerContext) -> str | None:
-        """The project an internal caller names, if its token matches (constant-time); else None."""
-        token = _metadata(context, INTERNAL_TOKEN_HEADER)
-        if token is None:
-            return None
-        project_id = (_metadata(context, PROJECT_HEADER) or "").strip()
-        if self._internal_token is None or not project_id:
-            raise APIError(401, "Invalid internal credentials.")
-        if not hmac.compare_digest(token.encode(), self._internal_token):
-            raise APIError(401, "Invalid internal credentials.")
-        return project_id
+        self.internal_token = internal_token
 
     async def _project(self, context: grpc.aio.ServicerContext) -> str:
         try:
-            internal = self._internal_project(context)
-            if internal is not None:
-                return internal
-            return resolve_project(self.keyring, _authorization(context))
+            return resolve_grpc_project(self.keyring, context.invocation_metadata(), self.internal_token)
         except APIError as exc:  # the message never echoes the key or the token
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
 

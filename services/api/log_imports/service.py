@@ -12,8 +12,8 @@ DO NOTHING`` makes re-importing idempotent, concurrent imports included.
 
 Throughput: each message of the stream is converted into ready-to-insert rows by a small pool
 of worker processes (JSON parsing and row validation are CPU-bound; the api's event loop keeps
-streaming and inserting meanwhile), then inserted with a few multi-row statements, in one
-transaction together with the job's progress.
+streaming and inserting meanwhile), then inserted with multi-row statements,
+``ROWS_PER_TRANSACTION`` rows per transaction, each committing the job's progress with it.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
 from services.api.datasets.rows import EntryDraft, EntryError, parse_entry
 from services.api.datasets.service import draft_values, get_dataset, new_id, now
 from services.api.log_imports.models import JOB_KIND, SOURCE, ImportFilters, ImportLogsRequest
+from services.common.auth import INTERNAL_TOKEN_HEADER, PROJECT_HEADER
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ SEARCH_BATCH_LOGS = 2000  # logs per SearchBatches message (one conversion task)
 ROWS_PER_TRANSACTION = 10_000
 FLUSH_SECONDS = 2.0
 MAX_WORKERS = 4
-INTERNAL_TOKEN_HEADER = "x-distillery-internal-token"
-PROJECT_HEADER = "x-distillery-project"
 OUTPUT_KEYS = ("role", "content", "tool_calls", "function_call", "name")
 REQUEST_KEYS = ("tools", "tool_choice", "response_format", "functions", "function_call")
 GRPC_MAX_MESSAGE = 64 * 1024 * 1024  # a batch, or one log with 8 MiB payloads raw and normalized
