@@ -52,7 +52,7 @@ def up(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
 ) -> None:
     """Run every service in one process on embedded defaults (Tansu, chDB, SQLite, local blobs)."""
-    from services.platform import Platform, serve
+    from services.platform import Platform, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(data_dir, http_port=port, grpc_port=grpc_port, http_host=host)
@@ -65,7 +65,7 @@ def up(
         f"Kafka {settings.kafka_url} · data in {settings.data_dir}"
     )
     try:
-        asyncio.run(serve(Platform(settings)))
+        run(Platform(settings))
     except KeyboardInterrupt:
         pass
     finally:

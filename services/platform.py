@@ -163,3 +163,11 @@ async def serve(platform: Platform) -> None:
         lifespan="on",
     )
     await uvicorn.Server(config).serve()
+
+
+def run(platform: Platform) -> None:
+    """Serve the platform on uvloop (measurably faster than the default loop) until it is stopped."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(platform))

@@ -1,11 +1,10 @@
 """Run the router service alone against external infrastructure: ``python -m services.router``."""
 
-import asyncio
 import logging
 
 from services.common.settings import Settings
-from services.platform import Platform, serve
+from services.platform import Platform, run
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(Platform(Settings(), services=("router",))))
+    run(Platform(Settings(), services=("router",)))

@@ -7,12 +7,12 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from services.common.errors import APIError
@@ -44,20 +44,33 @@ class RetryPolicy:
     max_delay: float = 8.0
     max_retry_after: float = 20.0
 
-    def delay(self, attempt: int, response: httpx.Response | None) -> float | None:
+    def delay(self, attempt: int, failed: Failed | None) -> float | None:
         """Seconds to wait before retry ``attempt`` (1-based), or None when the wait is too long."""
-        retry_after = _retry_after_seconds(response) if response is not None else None
+        retry_after = _retry_after_seconds(failed.headers) if failed is not None else None
         if retry_after is not None:
             return retry_after if retry_after <= self.max_retry_after else None
         backoff = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         return backoff * (0.5 + random.random() / 2)
 
 
-def _retry_after_seconds(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after-ms")
+@dataclass(frozen=True)
+class Failed:
+    """An upstream's error answer, read whole."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+def _retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after-ms")
     if value and value.replace(".", "", 1).isdigit():
         return float(value) / 1000
-    value = response.headers.get("retry-after")
+    value = headers.get("retry-after")
     if not value:
         return None
     if value.replace(".", "", 1).isdigit():
@@ -66,26 +79,26 @@ def _retry_after_seconds(response: httpx.Response) -> float | None:
     return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
 
-def _upstream_message(response: httpx.Response) -> tuple[str, str | None, str | None]:
+def _upstream_message(failed: Failed) -> tuple[str, str | None, str | None]:
     """Message, type and code from an upstream error body (OpenAI, Anthropic or Gemini shape)."""
     try:
-        body = orjson.loads(response.content)
+        body = orjson.loads(failed.body)
     except orjson.JSONDecodeError:
-        return response.text[:500] or response.reason_phrase, None, None
+        return failed.text[:500] or f"HTTP {failed.status}", None, None
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         code = error.get("code")
         return (
-            str(error.get("message") or response.reason_phrase),
+            str(error.get("message") or f"HTTP {failed.status}"),
             error.get("type") or error.get("status"),
             str(code) if code is not None else None,
         )
-    return response.text[:500], None, None
+    return failed.text[:500], None, None
 
 
-def error_from_response(provider: str, response: httpx.Response) -> UpstreamError:
-    message, kind, code = _upstream_message(response)
-    status = response.status_code
+def error_from_response(provider: str, failed: Failed) -> UpstreamError:
+    message, kind, code = _upstream_message(failed)
+    status = failed.status
     # The client did something the provider refused: pass the status through. Our own
     # gateway failure (5xx after retries) is a 502 so it is not mistaken for ours.
     if status >= 500:
@@ -103,32 +116,30 @@ def error_from_response(provider: str, response: httpx.Response) -> UpstreamErro
 
 
 class Upstream:
-    """Shared, pooled HTTP clients keyed by base URL; every provider call goes through here."""
+    """Shared, pooled HTTP sessions keyed by base URL; every provider call goes through here.
 
-    def __init__(
-        self, *, timeout: float, retry: RetryPolicy, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    aiohttp rather than httpx: httpx's pool does work per idle connection on every request
+    (quadratic under load), which bench/router.py measured as most of the router's CPU.
+    """
+
+    def __init__(self, *, timeout: float, retry: RetryPolicy) -> None:
         self.timeout = timeout
         self.retry = retry
-        self._transport = transport
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
 
-    def client(self, base_url: str) -> httpx.AsyncClient:
-        client = self._clients.get(base_url)
-        if client is None:
-            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60)
-            client = httpx.AsyncClient(
-                base_url=base_url,
-                timeout=httpx.Timeout(self.timeout, connect=10),
-                limits=limits,
-                transport=self._transport,
+    def session(self, base_url: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(base_url)
+        if session is None:
+            connector = aiohttp.TCPConnector(
+                limit=1000, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
             )
-            self._clients[base_url] = client
-        return client
+            session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+            self._sessions[base_url] = session
+        return session
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.aclose() for c in self._clients.values()), return_exceptions=True)
-        self._clients.clear()
+        await asyncio.gather(*(s.close() for s in self._sessions.values()), return_exceptions=True)
+        self._sessions.clear()
 
     async def post_json(
         self,
@@ -141,11 +152,9 @@ class Upstream:
         timeout: float | None = None,
     ) -> dict[str, Any]:
         """POST with retries on 429/5xx and connection errors; returns the parsed JSON body."""
-        async with self._send(
-            provider, base_url, path, body, headers=headers, timeout=timeout, stream=False
-        ) as response:
+        async with self._send(provider, base_url, path, body, headers=headers, timeout=timeout) as response:
             try:
-                return orjson.loads(response.content)
+                return orjson.loads(await response.read())
             except orjson.JSONDecodeError:
                 raise UpstreamError(502, f"{provider} returned a body that is not JSON") from None
 
@@ -161,10 +170,15 @@ class Upstream:
         timeout: float | None = None,
     ) -> AsyncIterator[AsyncIterator[str]]:
         """Open a streaming POST (retrying only before the first byte) and yield its lines."""
-        async with self._send(
-            provider, base_url, path, body, headers=headers, timeout=timeout, stream=True
-        ) as response:
-            yield response.aiter_lines()
+        async with self._send(provider, base_url, path, body, headers=headers, timeout=timeout) as response:
+            yield _lines(response, provider)
+
+    def _timeout(self, timeout: float | None) -> aiohttp.ClientTimeout:
+        # A caller's deadline (fallback) bounds the whole call; otherwise each read may take
+        # up to the upstream timeout, so long streamed answers are not cut off.
+        if timeout is not None:
+            return aiohttp.ClientTimeout(total=timeout, connect=10)
+        return aiohttp.ClientTimeout(total=None, connect=10, sock_read=self.timeout)
 
     @asynccontextmanager
     async def _send(
@@ -176,56 +190,70 @@ class Upstream:
         *,
         headers: dict[str, str],
         timeout: float | None,
-        stream: bool,
-    ) -> AsyncIterator[httpx.Response]:
-        client = self.client(base_url)
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        session = self.session(base_url)
+        url = base_url.rstrip("/") + path
         content = orjson.dumps(body)
         request_headers = {"content-type": "application/json", **headers}
         attempt = 0
         while True:
             attempt += 1
-            request = client.build_request(
-                "POST", path, content=content, headers=request_headers, timeout=timeout or self.timeout
-            )
             try:
-                response = await client.send(request, stream=stream)
-            except httpx.TimeoutException:
+                response = await session.post(
+                    url, data=content, headers=request_headers, timeout=self._timeout(timeout)
+                )
+            except TimeoutError:
                 if attempt <= self.retry.max_retries and timeout is None:
                     await asyncio.sleep(self.retry.delay(attempt, None) or 0)
                     continue
                 raise UpstreamError(
                     504, f"{provider} did not answer in time", code="upstream_timeout"
                 ) from None
-            except httpx.TransportError as exc:
+            except aiohttp.ClientError as exc:
                 if attempt <= self.retry.max_retries:
                     await asyncio.sleep(self.retry.delay(attempt, None) or 0)
                     continue
                 raise UpstreamError(
                     502, f"cannot reach {provider}: {type(exc).__name__}", code="upstream_unreachable"
                 ) from None
-            if response.status_code < 400:
+            if response.status < 400:
                 break
-            if stream:
-                await response.aread()
-            if response.status_code in RETRY_STATUSES and attempt <= self.retry.max_retries:
-                delay = self.retry.delay(attempt, response)
+            failed = Failed(response.status, dict(response.headers), await response.read())
+            response.release()
+            if failed.status in RETRY_STATUSES and attempt <= self.retry.max_retries:
+                delay = self.retry.delay(attempt, failed)
                 if delay is not None:
-                    log.info(
-                        "%s answered %d; retry %d in %.2fs", provider, response.status_code, attempt, delay
-                    )
-                    await response.aclose()
+                    log.info("%s answered %d; retry %d in %.2fs", provider, failed.status, attempt, delay)
                     await asyncio.sleep(delay)
                     continue
-            await response.aclose()
-            if response.status_code == 429:
+            if failed.status == 429:
                 raise UpstreamError(
                     429,
-                    f"{provider} rate limit: {_upstream_message(response)[0]}",
+                    f"{provider} rate limit: {_upstream_message(failed)[0]}",
                     type="rate_limit_error",
                     code="rate_limit_exceeded",
                 )
-            raise error_from_response(provider, response)
+            raise error_from_response(provider, failed)
         try:
             yield response
         finally:
-            await response.aclose()
+            response.release()
+
+
+async def _lines(response: aiohttp.ClientResponse, provider: str) -> AsyncIterator[str]:
+    """The body's lines without their endings, however the bytes are chunked (no line-size cap)."""
+    pending = b""
+    try:
+        async for chunk in response.content.iter_any():
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                yield line.rstrip(b"\r").decode()
+    except TimeoutError:
+        raise UpstreamError(504, f"{provider} stopped sending mid-stream", code="upstream_timeout") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(
+            502, f"{provider} broke the stream: {type(exc).__name__}", code="upstream_error"
+        ) from None
+    if pending:
+        yield pending.rstrip(b"\r").decode()

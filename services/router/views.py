@@ -20,7 +20,7 @@ router = APIRouter(tags=["chat"])
 CACHE_MODES = ("readWrite", "readOnly", "writeOnly")
 
 
-def chat_service(request: Request) -> ChatService:
+async def chat_service(request: Request) -> ChatService:
     return request.app.state.chat
 
 
