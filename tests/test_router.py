@@ -440,3 +440,25 @@ async def test_provider_keys_never_leak(ready: Project, fake_upstream: FakeUpstr
         await wait_for_count(http, 1, params={"status": "error"})
         text = (await http.get("/logs/export")).text
     assert "sk-wrong-key-that-must-not-leak" not in text and OPENAI_KEY not in text
+
+
+async def test_oversize_and_cancelled_streams(ready: Project, running) -> None:
+    """The body limit guards /chat/completions; a client leaving mid-stream still gets its call logged."""
+    limit = running.settings.max_body_bytes
+    async with ready.client() as http:
+        big = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * (limit + 10)}]}
+        response = await http.post("/chat/completions", json=big)
+        assert response.status_code == 413 and str(limit) in response.json()["message"]
+        body = {
+            "model": "gpt-4o-mini",
+            "messages": MESSAGES,
+            "stream": True,
+            "store": True,
+            "metadata": {"case": "left-early"},
+        }
+        async with http.stream("POST", "/chat/completions", json=body) as stream:
+            async for _ in stream.aiter_bytes():
+                break  # the client goes away after the first bytes
+        await wait_for_count(http, 1, params={"metadata.case": "left-early"})
+        log = (await http.get("/logs", params={"metadata.case": "left-early"})).json()["data"][0]
+    assert log["reqPayload"]["stream"] is True

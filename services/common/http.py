@@ -114,3 +114,33 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+# --- framework-free endpoints (see services/platform.py FastRoutes) ------------------------------
+
+
+async def read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise APIError(499, "The client disconnected before sending the whole body.")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def bearer_header(scope: Scope) -> str | None:
+    value = dict(scope["headers"]).get(b"authorization")
+    return value.decode("latin-1") if value else None
+
+
+async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, exc: APIError) -> None:
+    body = error_body(exc.status_code, exc.message, type=exc.type, param=exc.param, code=exc.code)
+    await send_bytes(send, exc.status_code, orjson.dumps(body))

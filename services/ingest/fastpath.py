@@ -7,11 +7,11 @@ which cost more than the work itself at thousands of reports per second (see ben
 
 from __future__ import annotations
 
-import orjson
 from starlette.types import Receive, Scope, Send
 
 from services.common.auth import KeyRing, resolve_project
-from services.common.errors import APIError, error_body
+from services.common.errors import APIError
+from services.common.http import bearer_header, read_body, send_bytes, send_error
 from services.ingest.views import OK_BODY, IngestDeps, record_report
 
 
@@ -23,30 +23,9 @@ class ReportEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            authorization = dict(scope["headers"]).get(b"authorization")
-            project_id = resolve_project(
-                self.keyring, authorization.decode("latin-1") if authorization else None
-            )
-            await record_report(self.deps, self.route, await _read_body(receive), project_id)
+            project_id = resolve_project(self.keyring, bearer_header(scope))
+            await record_report(self.deps, self.route, await read_body(receive), project_id)
         except APIError as exc:
-            body = error_body(exc.status_code, exc.message, type=exc.type, param=exc.param, code=exc.code)
-            await _respond(send, exc.status_code, orjson.dumps(body))
+            await send_error(send, exc)
             return
-        await _respond(send, 200, OK_BODY)
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise APIError(499, "The client disconnected before sending the whole body.")
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _respond(send: Send, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        await send_bytes(send, 200, OK_BODY)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING
 
+from services.common.http import API_PREFIX, BodySizeLimit
 from services.common.secrets import internal_token, load_or_create_key
 from services.router import grpc as inference
 from services.router.cache import make_cache
 from services.router.capture import LogShipper
 from services.router.catalog import RouterCatalog
+from services.router.fastpath import ChatCompletionsEndpoint
 from services.router.routing import Router
 from services.router.service import ChatService
 from services.router.upstream import RetryPolicy, Upstream
@@ -43,6 +45,10 @@ async def setup(platform: Platform) -> None:
     )
     platform.state["chat"] = chat
     platform.routers.append(router)
+    endpoint = ChatCompletionsEndpoint(keyring=platform.keyring, chat=chat)
+    platform.fast_routes[("POST", f"{API_PREFIX}/chat/completions")] = BodySizeLimit(
+        endpoint, settings.max_body_bytes
+    )
     platform.grpc_servicers.append(
         partial(
             inference.add_to_server,

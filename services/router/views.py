@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -18,6 +19,7 @@ from services.router.service import CallOptions, ChatService
 router = APIRouter(tags=["chat"])
 
 CACHE_MODES = ("readWrite", "readOnly", "writeOnly")
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 async def chat_service(request: Request) -> ChatService:
@@ -51,51 +53,57 @@ def _header_tags(value: str | None) -> dict[str, Any]:
     return tags
 
 
-def call_options(request: Request, body: ChatCompletionRequest) -> CallOptions:
+def call_options(headers: Mapping[str, str], body: ChatCompletionRequest) -> CallOptions:
     """The ``op-*`` headers win over the body's ``openpipe`` field, which wins over ``store``."""
     options = body.openpipe or OpenPipeOptions()
-    if request.headers.get("op-criteria"):
+    if headers.get("op-criteria"):
         raise bad_request(
             "Criteria judging (op-criteria) is not available on this deployment yet.",
             param="op-criteria",
             code="criteria_unavailable",
         )
-    header = request.headers.get("op-log-request")
+    header = headers.get("op-log-request")
     if header is not None:
         log_request = header.strip().lower() == "true"
     elif options.logRequest is not None or options.log_request is not None:
         log_request = bool(options.logRequest if options.logRequest is not None else options.log_request)
     else:
         log_request = bool(body.store)
-    header_cache = request.headers.get("op-cache")
+    header_cache = headers.get("op-cache")
     cache = (
         _cache_mode(header_cache, "op-cache")
         if header_cache is not None
         else _cache_mode(options.cache, "openpipe.cache")
     )
-    tags = {**(options.tags or {}), **_header_tags(request.headers.get("op-tags"))}
+    tags = {**(options.tags or {}), **_header_tags(headers.get("op-tags"))}
     return CallOptions(log_request=log_request, cache=cache, tags=tags, fallback=options.fallback)
+
+
+def parse_chat_request(payload: bytes) -> tuple[dict, ChatCompletionRequest]:
+    """The client's JSON as sent (forwarded as is) and its validated form."""
+    try:
+        raw = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise bad_request("Request body must be a JSON object.")
+    try:
+        return raw, ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid_input(exc.errors()) from None
 
 
 @router.post("/chat/completions")
 async def chat_completions(
     request: Request, project_id: str = Depends(require_project), chat: ChatService = Depends(chat_service)
 ) -> Response:
-    raw = await _json_body(request)
-    if not isinstance(raw, dict):
-        raise bad_request("Request body must be a JSON object.")
-    try:
-        body = ChatCompletionRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise invalid_input(exc.errors()) from None
-    options = call_options(request, body)
+    """Also served framework-free by ``fastpath.ChatCompletionsEndpoint``; this route documents it and
+    serves apps mounted without the platform's fast routes."""
+    raw, body = parse_chat_request(await request.body())
+    options = call_options(request.headers, body)
     if body.stream:
         chunks = await chat.open_stream(project_id=project_id, raw=raw, options=options)
-        return StreamingResponse(
-            chunks,
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
     completion = await chat.complete(project_id=project_id, raw=raw, options=options)
     return Response(orjson.dumps(completion), media_type="application/json")
 

@@ -1,0 +1,52 @@
+"""``POST /chat/completions`` without the web framework, for the router's latency budget.
+
+Same checks and answers as the FastAPI route in ``views.py`` (auth, body limit, validation,
+``op-*`` headers, the error envelope, SSE streaming); bench/router.py measured the framework's
+routing and dependency injection as most of what the router adds per call.
+"""
+
+from __future__ import annotations
+
+import orjson
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
+
+from services.common.auth import KeyRing, resolve_project
+from services.common.errors import APIError
+from services.common.http import bearer_header, read_body, send_bytes, send_error
+from services.router.service import ChatService
+from services.router.views import SSE_HEADERS, call_options, parse_chat_request
+
+STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    *((k.encode(), v.encode()) for k, v in SSE_HEADERS.items()),
+]
+
+
+class ChatCompletionsEndpoint:
+    def __init__(self, *, keyring: KeyRing, chat: ChatService) -> None:
+        self.keyring = keyring
+        self.chat = chat
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            project_id = resolve_project(self.keyring, bearer_header(scope))
+            raw, body = parse_chat_request(await read_body(receive))
+            options = call_options(Headers(scope=scope), body)
+            if body.stream:
+                chunks = await self.chat.open_stream(project_id=project_id, raw=raw, options=options)
+            else:
+                completion = await self.chat.complete(project_id=project_id, raw=raw, options=options)
+        except APIError as exc:
+            await send_error(send, exc)
+            return
+        if not body.stream:
+            await send_bytes(send, 200, orjson.dumps(completion))
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+        try:
+            async for event in chunks:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            await chunks.aclose()  # a client that went away still gets its call logged
