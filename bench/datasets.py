@@ -27,38 +27,22 @@ import asyncio
 import http.client
 import json
 import os
-import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PYTHON = sys.executable
+from platform_stack import PlatformStack, cpu_seconds, uuid7  # noqa: E402
+
 API = "/api/v1"
 TOPIC = "logs.v1"
 TARGET_IMPORT_ROWS = 1_000_000
 TARGET_IMPORT_SECONDS = 60.0
 POOL_MAX = 20_000  # distinct sample bodies; longer runs cycle through them (log ids stay unique)
 TERMINAL = ("succeeded", "partial", "failed")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def descendants(pid: int) -> list[int]:
@@ -77,12 +61,6 @@ def descendants(pid: int) -> list[int]:
         found.append(current)
         todo.extend(children.get(current, []))
     return found
-
-
-def uuid7(ms: int) -> str:
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = ms << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | rand & ((1 << 62) - 1)
-    return str(uuid.UUID(int=value))
 
 
 class Http:
@@ -123,93 +101,18 @@ class Http:
 # --- the stack under test ------------------------------------------------------------------------
 
 
-class Stack:
-    """Tansu + ``distillery up`` (separate processes) on a temporary data dir, one bench project."""
+class Stack(PlatformStack):
+    """The shared stack with one bench project."""
 
     def __init__(self, keep: bool) -> None:
-        self.keep = keep
-        self.tmp = Path(tempfile.mkdtemp(prefix="distillery-bench-datasets-"))
-        self.data_dir = self.tmp / "data"
-        self.tansu = None
-        self.up: subprocess.Popen | None = None
-        self.port = 0
+        super().__init__(keep, prefix="distillery-bench-datasets-")
         self.project_id = self.key = ""
 
-    def __enter__(self) -> Stack:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _key(self, project: str) -> tuple[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "DISTILLERY_KAFKA_URL"}
-        env.update(COLUMNS="300", NO_COLOR="1", TERM="dumb")
-        done = subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "services.cli",
-                "keys",
-                "create",
-                "--project",
-                project,
-                "--data-dir",
-                str(self.data_dir),
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        project_id = re.search(r"\((proj_[0-9a-zA-Z]+)\)", done.stdout)
-        key = re.search(r"(opk_[A-Za-z0-9_\-]+)", done.stdout)
-        if done.returncode or not project_id or not key:
-            raise RuntimeError(f"`distillery keys create` failed:\n{done.stdout}\n{done.stderr}")
-        return project_id.group(1), key.group(1)
-
     def start(self) -> None:
-        from services.common.kafka import TansuBroker, free_port
-
-        self.data_dir.mkdir(parents=True)
-        self.tansu = TansuBroker(free_port(), log_path=self.tmp / "tansu.log")
-        self.tansu.start()
-        self.project_id, self.key = self._key("bench-datasets")
-        self.port, grpc_port = free_port(), free_port()
-        env = {**os.environ, "DISTILLERY_KAFKA_URL": self.tansu.url, "PYTHONUNBUFFERED": "1"}
-        self.up_log = self.tmp / "up.log"
-        self.up = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "services.cli",
-                "up",
-                "--port",
-                str(self.port),
-                "--grpc-port",
-                str(grpc_port),
-                "--data-dir",
-                str(self.data_dir),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=open(self.up_log, "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.start_broker()
+        self.project_id, self.key = self.create_key("bench-datasets")
+        self.start_platform()
         deadline = time.time() + 120
-        probe = Http(self.port, timeout=2)
-        while True:
-            if self.up.poll() is not None:
-                raise RuntimeError(f"`distillery up` exited with {self.up.returncode}:\n{self.log_tail()}")
-            try:
-                if probe.request("GET", "/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"`distillery up` not healthy after 120 s:\n{self.log_tail()}")
-            time.sleep(0.2)
         self.http = Http(self.port, self.key)
         # the key reaches the platform over catalog.v1: wait until it is accepted
         while self.http.json("GET", f"{API}/logs/count")[0] == 401:
@@ -222,27 +125,6 @@ class Stack:
         if self.up is None:
             return 0.0
         return sum(cpu_seconds(pid) for pid in descendants(self.up.pid))
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.up_log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.up and self.up.poll() is None:
-            self.up.send_signal(signal.SIGINT)
-            try:
-                self.up.wait(30)
-            except subprocess.TimeoutExpired:
-                self.up.kill()
-                self.up.wait()
-        if self.tansu:
-            self.tansu.stop()
-        if self.keep:
-            print(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # --- helpers over the API ------------------------------------------------------------------------

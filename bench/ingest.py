@@ -32,10 +32,8 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PYTHON = sys.executable
+from platform_stack import CLOCK_TICKS, PlatformStack, cpu_seconds, uuid7  # noqa: E402
+
 API = "/api/v1"
 TOPIC = "logs.v1"
 
@@ -52,21 +51,9 @@ TARGET_REPORT_RATE = 5_000  # /report per second per platform process
 TARGET_P99_LAG = 2.0  # seconds
 
 POOL_MAX = 20_000  # distinct sample bodies; longer runs cycle through them (log ids stay unique)
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- small helpers -------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """user+system CPU of a live process (all its threads), from /proc."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def machine_busy() -> float:
@@ -198,13 +185,6 @@ def first_seen(samples: list[tuple[float, int]], baseline: int, n: int) -> list[
 
 def lags(sent: list[float], seen: list[float | None]) -> list[float]:
     return [s - t for t, s in zip(sent, seen, strict=False) if s is not None]
-
-
-def uuid7(ms: int) -> str:
-    """A time-ordered UUIDv7, as any producer would mint one (see examples/publish_logs.py)."""
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = ms << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | rand & ((1 << 62) - 1)
-    return str(uuid.UUID(int=value))
 
 
 # --- sample payloads -----------------------------------------------------------------------------
@@ -726,103 +706,16 @@ def report_run(stack: Stack, pool_path: Path, args) -> ReportRun:
 # --- the stack under test ------------------------------------------------------------------------
 
 
-class Stack:
-    """Tansu + ``distillery up`` (separate processes) on a temporary data dir, two bench projects."""
-
-    def __init__(self, keep: bool) -> None:
-        self.keep = keep
-        self.tmp = Path(tempfile.mkdtemp(prefix="distillery-bench-"))
-        self.data_dir = self.tmp / "data"
-        self.tansu = None
-        self.up: subprocess.Popen | None = None
-        self.port = 0
-
-    def __enter__(self) -> Stack:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def kafka_url(self) -> str:
-        return self.tansu.url
-
-    def _key(self, project: str) -> tuple[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "DISTILLERY_KAFKA_URL"}
-        env.update(COLUMNS="300", NO_COLOR="1", TERM="dumb")
-        done = subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "services.cli",
-                "keys",
-                "create",
-                "--project",
-                project,
-                "--data-dir",
-                str(self.data_dir),
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        project_id = re.search(r"\((proj_[0-9a-zA-Z]+)\)", done.stdout)
-        key = re.search(r"(opk_[A-Za-z0-9_\-]+)", done.stdout)
-        if done.returncode or not project_id or not key:
-            raise RuntimeError(f"`distillery keys create` failed:\n{done.stdout}\n{done.stderr}")
-        return project_id.group(1), key.group(1)
+class Stack(PlatformStack):
+    """The shared stack with two bench projects: one fed through Kafka, one through /report."""
 
     def start(self) -> None:
-        from services.common.kafka import TansuBroker, free_port
-
-        self.data_dir.mkdir(parents=True)
-        self.tansu = TansuBroker(free_port(), log_path=self.tmp / "tansu.log")
-        self.tansu.start()
-        self.kafka_project, self.kafka_key = self._key("bench-kafka")
-        self.report_project, self.report_key = self._key("bench-report")
-        self.port, grpc_port = free_port(), free_port()
-        env = {**os.environ, "DISTILLERY_KAFKA_URL": self.tansu.url, "PYTHONUNBUFFERED": "1"}
-        self.up_log = self.tmp / "up.log"
-        self.up = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "services.cli",
-                "up",
-                "--port",
-                str(self.port),
-                "--grpc-port",
-                str(grpc_port),
-                "--data-dir",
-                str(self.data_dir),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=open(self.up_log, "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C on the bench does not hit it twice
-        )
-        self._wait_healthy(timeout=120)
+        self.start_broker()
+        self.kafka_project, self.kafka_key = self.create_key("bench-kafka")
+        self.report_project, self.report_key = self.create_key("bench-report")
+        self.start_platform()
         self.kafka_http = Http(self.port, self.kafka_key)
         self.report_http = Http(self.port, self.report_key)
-
-    def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.time() + timeout
-        client = Http(self.port, timeout=2)
-        while time.time() < deadline:
-            if self.up.poll() is not None:
-                raise RuntimeError(f"`distillery up` exited with {self.up.returncode}:\n{self.log_tail()}")
-            try:
-                status, _ = client.request("GET", "/healthz")
-                if status == 200:
-                    client.close()
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"`distillery up` not healthy after {timeout}s:\n{self.log_tail()}")
 
     def warm_up(self, body: dict, timeout: float = 90) -> float:
         """One report through the whole path: the key is known and the writer's consumer group has formed."""
@@ -836,12 +729,6 @@ class Stack:
             time.sleep(0.1)
         return time.time() - t0
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.up_log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
     def cpu(self) -> dict[str, float]:
         return {
             "platform": cpu_seconds(self.up.pid if self.up else None),
@@ -854,21 +741,6 @@ class Stack:
     def cpu_since(self, before: dict[str, float]) -> dict[str, float]:
         now = self.cpu()
         return {k: now[k] - before[k] for k in now}
-
-    def stop(self) -> None:
-        if self.up and self.up.poll() is None:
-            self.up.send_signal(signal.SIGINT)
-            try:
-                self.up.wait(30)
-            except subprocess.TimeoutExpired:
-                self.up.kill()
-                self.up.wait()
-        if self.tansu:
-            self.tansu.stop()
-        if self.keep:
-            print(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # --- report --------------------------------------------------------------------------------------
