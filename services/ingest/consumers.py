@@ -19,9 +19,10 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from pydantic import ValidationError
 
 from services.common.clickhouse import ClickHouse
-from services.common.events import LOGS_TOPIC, DeadLetter, LogEvent, dlq_topic
+from services.common.events import LOGS_TOPIC, DeadLetter, dlq_topic
 from services.common.settings import Settings
 from services.ingest import store
+from services.ingest.rows import decode_log_event, event_to_row
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ def rows_from_records(records: tuple[ConsumerRecord, ...]) -> tuple[list[list], 
     now_ms = int(time.time() * 1000)
     for record in records:
         try:
-            event = LogEvent.model_validate_json(record.value or b"")
-            rows.append(store.event_to_row(event, now_ms))
+            rows.append(event_to_row(decode_log_event(record.value or b""), now_ms))
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "message"

@@ -5,6 +5,8 @@ Fine-tuned and external models get their prices from the catalog later; unknown 
 
 from __future__ import annotations
 
+import functools
+
 PRICES_PER_MILLION: dict[str, tuple[float, float]] = {
     "gpt-4o-mini": (0.15, 0.60),
     "gpt-4o": (2.50, 10.00),
@@ -32,6 +34,7 @@ _BY_LENGTH = sorted(PRICES_PER_MILLION, key=len, reverse=True)
 _PROVIDER_PREFIXES = ("openai:", "anthropic:", "gemini:")
 
 
+@functools.lru_cache(maxsize=4096)  # called once per stored log; model names repeat
 def price_for(model: str) -> tuple[float, float] | None:
     name = model
     for prefix in _PROVIDER_PREFIXES:

@@ -12,12 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
-from services.common import anthropic_format
 from services.common.clickhouse import ClickHouse
-from services.common.events import LogEvent
-from services.ingest.pricing import cost_usd
 
 TABLE = "request_logs"
 
@@ -84,86 +79,6 @@ SETTINGS non_replicated_deduplication_window = 10000
 async def create_schema(ch: ClickHouse) -> None:
     await ch.command(f"CREATE DATABASE IF NOT EXISTS {ch.database}")
     await ch.command(DDL.format(db=ch.database))
-
-
-def _provider(model: str, source: str) -> str:
-    if source == "anthropic":
-        return "anthropic"
-    prefix, sep, _ = model.partition(":")
-    return prefix if sep and prefix in ("openai", "anthropic", "gemini", "openpipe") else "openai"
-
-
-def _status(event: LogEvent) -> str:
-    if event.status_code is None:
-        return "error" if event.error_message else "pending"
-    return "success" if 200 <= event.status_code < 300 and not event.error_message else "error"
-
-
-def _json(value: Any) -> str:
-    return "" if value is None else orjson.dumps(value).decode()
-
-
-def _usage(resp: Any) -> tuple[int, int]:
-    usage = resp.get("usage") if isinstance(resp, dict) else None
-    if not isinstance(usage, dict):
-        return 0, 0
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-
-
-def _finish_reason(resp: Any) -> str:
-    choices = resp.get("choices") if isinstance(resp, dict) else None
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        return str(choices[0].get("finish_reason") or "")
-    return ""
-
-
-def _cost(event: LogEvent, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    if event.cost_usd is not None:
-        return event.cost_usd
-    return cost_usd(model, prompt_tokens, completion_tokens)
-
-
-def event_to_row(event: LogEvent, now_ms: int | None = None) -> list[Any]:
-    """Derive every column of a log from what the producer observed."""
-    req, resp = event.req_payload, event.resp_payload
-    openai_req, openai_resp = req, resp
-    if event.source == "anthropic":
-        openai_req = anthropic_format.request_to_openai(req)
-        openai_resp = anthropic_format.response_to_openai(resp, created=event.received_at // 1000)
-    model = ""
-    if isinstance(req, dict) and req.get("model"):
-        model = str(req["model"])
-    elif isinstance(resp, dict) and resp.get("model"):
-        model = str(resp["model"])
-    prompt_tokens, completion_tokens = _usage(openai_resp)
-    status = _status(event)
-    completion_id = str(resp.get("id") or "") if isinstance(resp, dict) and status == "success" else ""
-    return [
-        event.project_id,
-        event.log_id,
-        0,
-        event.source,
-        event.requested_at,
-        event.received_at,
-        max(0, event.received_at - event.requested_at),
-        model,
-        _provider(model, event.source),
-        completion_id,
-        status,
-        event.status_code,
-        event.error_message,
-        prompt_tokens,
-        completion_tokens,
-        _finish_reason(openai_resp),
-        _cost(event, model, prompt_tokens, completion_tokens) if status == "success" else None,
-        int(event.cache_hit),
-        event.metadata,
-        _json(req),
-        _json(resp),
-        _json(openai_req) if event.source == "anthropic" else "",
-        _json(openai_resp) if event.source == "anthropic" else "",
-        now_ms if now_ms is not None else int(time.time() * 1000),
-    ]
 
 
 def dedup_token(rows: list[list[Any]]) -> str:
