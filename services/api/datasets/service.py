@@ -80,10 +80,11 @@ def draft_values(
     source_log_id: str | None = None,
     provenance: str | None = None,
     moment: datetime | None = None,
+    entry_id: str | None = None,
 ) -> dict[str, Any]:
     moment = moment or now()
     return {
-        "id": new_id("dse"),
+        "id": entry_id or new_id("dse"),
         "dataset_id": dataset_id,
         "content_hash": draft.content_hash,
         "split": draft.split,

@@ -304,8 +304,8 @@ def convert_batch(data: bytes, dataset_id: str, moment: Any) -> Converted:
             source_log_id=entry.id,
             provenance=SOURCE,
             moment=_PLACEHOLDER_MOMENT,  # replaced by ``moment`` in the row
+            entry_id=next(ids),
         )
-        values["id"] = next(ids)
         converted.rows.append(entry_row(values, moment))
     return converted
 
