@@ -20,7 +20,7 @@ from services.common.auth import KeyRing, resolve_grpc_project
 from services.common.clickhouse import ClickHouse
 from services.common.errors import APIError
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
-from services.ingest import service, store
+from services.ingest import store
 from services.ingest.store import LogFilters
 
 log = logging.getLogger(__name__)
@@ -57,62 +57,65 @@ def filters_from_proto(message: logs_pb2.LogFilters) -> LogFilters:
     )
 
 
-def row_to_proto(row: dict) -> logs_pb2.RequestLog:
-    """A stored row; the OpenAI-shaped payloads fall back to the raw ones when not converted."""
-    return logs_pb2.RequestLog(**log_fields(row))
+# ``RequestLog`` fields as ClickHouse expressions over a stored row: ClickHouse picks the payload
+# columns (the OpenAI-shaped ones fall back to the raw ones), so only what is sent is decoded.
+_LOG_FIELDS = {
+    "id": "log_id",
+    "requested_at_ms": "requested_at_ms",
+    "received_at_ms": "received_at_ms",
+    "latency_ms": "latency_ms",
+    "model": "model",
+    "provider": "provider",
+    "completion_id": "completion_id",
+    "status": "status",
+    "status_code": "status_code",
+    "error_message": "ifNull(error_message, '')",
+    "finish_reason": "finish_reason",
+    "prompt_tokens": "prompt_tokens",
+    "completion_tokens": "completion_tokens",
+    "cost_usd": "cost_usd",
+    "cache_hit": "cache_hit",
+    "metadata": "metadata",
+    "openai_request_json": "if(openai_req = '', req_payload, openai_req)",
+    "openai_response_json": "if(openai_resp = '', resp_payload, openai_resp)",
+}
+_RAW_FIELDS = {"req_payload_json": "req_payload", "resp_payload_json": "resp_payload"}
 
 
-def log_fields(row: dict, *, raw_payloads: bool = True) -> dict:
-    """The ``RequestLog`` fields of a stored row (raw payloads left empty unless ``raw_payloads``)."""
-    return dict(
-        id=row["log_id"],
-        requested_at_ms=row["requested_at_ms"],
-        received_at_ms=row["received_at_ms"],
-        latency_ms=row["latency_ms"],
-        model=row["model"],
-        provider=row["provider"],
-        completion_id=row["completion_id"],
-        status=row["status"],
-        status_code=row["status_code"],
-        error_message=row["error_message"] or "",
-        finish_reason=row["finish_reason"],
-        prompt_tokens=row["prompt_tokens"],
-        completion_tokens=row["completion_tokens"],
-        cost_usd=row["cost_usd"],
-        cache_hit=bool(row["cache_hit"]),
-        metadata=dict(row["metadata"]),
-        req_payload_json=row["req_payload"] if raw_payloads else "",
-        resp_payload_json=row["resp_payload"] if raw_payloads else "",
-        openai_request_json=row["openai_req"] or row["req_payload"],
-        openai_response_json=row["openai_resp"] or row["resp_payload"],
-    )
+def request_log_fields(raw_payloads: bool) -> tuple[tuple[str, ...], str]:
+    """The field names of each selected row and the SELECT list that produces them."""
+    fields = {**_LOG_FIELDS, **(_RAW_FIELDS if raw_payloads else {})}
+    return tuple(fields), ", ".join(fields.values())
 
 
 async def prefetched_pages(
     ch: ClickHouse,
     project_id: str,
     filters: LogFilters,
+    columns: str,
     *,
     page_size: int,
     limit: int | None,
     before_id: str | None,
-) -> AsyncIterator[list[dict]]:
-    """Matching rows page by page, newest first, the next page already being read from ClickHouse
-    while the caller works on this one (as ``service.iter_logs``, which waits for each page)."""
+) -> AsyncIterator[list[tuple]]:
+    """Matching rows (``columns``, log id first) page by page, newest first, the next page already
+    being read from ClickHouse while the caller works on this one."""
     sent = 0
 
-    def fetch(cursor: str | None) -> asyncio.Future[list[dict]]:
+    def fetch(cursor: str | None) -> asyncio.Future[list[tuple]]:
         size = page_size if limit is None else min(page_size, limit - sent)
-        return asyncio.ensure_future(store.search(ch, project_id, filters, limit=size, before_id=cursor))
+        return asyncio.ensure_future(
+            store.search_selected(ch, project_id, filters, columns, limit=size, before_id=cursor)
+        )
 
-    pending: asyncio.Future[list[dict]] | None = fetch(before_id or None)
+    pending: asyncio.Future[list[tuple]] | None = fetch(before_id or None)
     try:
         while pending is not None:
             expected = page_size if limit is None else min(page_size, limit - sent)
             rows = await pending
             sent += len(rows)
             more = len(rows) == expected and (limit is None or sent < limit)
-            pending = fetch(rows[-1]["log_id"]) if more else None
+            pending = fetch(rows[-1][0]) if more else None
             if rows:
                 yield rows
     finally:
@@ -143,12 +146,20 @@ class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
     ) -> AsyncIterator[logs_pb2.RequestLog]:
         project_id = await self._project(context)
         filters = await self._filters(request.filters, context)
-        rows = service.iter_logs(
-            self.clickhouse, project_id, filters, limit=request.limit or None, before_id=request.before_id
+        names, columns = request_log_fields(raw_payloads=not request.omit_raw_payloads)
+        pages = prefetched_pages(
+            self.clickhouse,
+            project_id,
+            filters,
+            columns,
+            page_size=PAGE_ROWS if not request.limit else min(PAGE_ROWS, request.limit),
+            limit=request.limit or None,
+            before_id=request.before_id,
         )
         try:
-            async for row in rows:
-                yield row_to_proto(row)
+            async for rows in pages:
+                for row in rows:
+                    yield logs_pb2.RequestLog(**dict(zip(names, row, strict=True)))
         except Exception as exc:
             log.warning("LogQuery.Search failed: %s", exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, STORE_UNAVAILABLE)
@@ -159,29 +170,28 @@ class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
         project_id = await self._project(context)
         filters = await self._filters(request.filters, context)
         size = min(request.batch_size or DEFAULT_BATCH_LOGS, MAX_BATCH_LOGS)
+        names, columns = request_log_fields(raw_payloads=not request.omit_raw_payloads)
+        payloads = [names.index(n) for n in names if n.endswith("_json")]
         pages = prefetched_pages(
             self.clickhouse,
             project_id,
             filters,
+            columns,
             page_size=max(size, PAGE_ROWS),
             limit=request.limit or None,
             before_id=request.before_id,
         )
-        raw = not request.omit_raw_payloads
         batch, payload_bytes = logs_pb2.RequestLogBatch(), 0
         try:
             async for rows in pages:
                 for row in rows:
-                    row_bytes = len(row["openai_req"] or row["req_payload"])
-                    row_bytes += len(row["openai_resp"] or row["resp_payload"])
-                    if raw:
-                        row_bytes += len(row["req_payload"]) + len(row["resp_payload"])
+                    row_bytes = sum(len(row[i]) for i in payloads)
                     if batch.logs and (
                         len(batch.logs) >= size or payload_bytes + row_bytes > BATCH_PAYLOAD_BYTES
                     ):
                         yield batch
                         batch, payload_bytes = logs_pb2.RequestLogBatch(), 0
-                    batch.logs.add(**log_fields(row, raw_payloads=raw))
+                    batch.logs.add(**dict(zip(names, row, strict=True)))
                     payload_bytes += row_bytes
         except Exception as exc:
             log.warning("LogQuery.SearchBatches failed: %s", exc)

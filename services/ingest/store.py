@@ -167,6 +167,29 @@ async def search(
     return await ch.query_dicts(sql, params)
 
 
+async def search_selected(
+    ch: ClickHouse,
+    project_id: str,
+    filters: LogFilters,
+    columns: str,
+    *,
+    limit: int,
+    before_id: str | None = None,
+) -> list[tuple]:
+    """As :func:`search`, but only the ``columns`` expressions, as tuples (no per-row dicts);
+    the first column must be ``log_id``, the cursor for the next page."""
+    where, params = where_clause(project_id, filters)
+    if before_id:
+        where += " AND log_id < {before_id:String}"
+        params["before_id"] = before_id
+    params["limit"] = limit
+    sql = (
+        f"SELECT {columns} FROM {ch.database}.{TABLE} FINAL WHERE {where} "
+        "ORDER BY log_id DESC LIMIT {limit:UInt32}"
+    )
+    return await ch.query_rows(sql, params)
+
+
 async def count(ch: ClickHouse, project_id: str, filters: LogFilters) -> int:
     where, params = where_clause(project_id, filters)
     rows = await ch.query_rows(f"SELECT count() FROM {ch.database}.{TABLE} FINAL WHERE {where}", params)
