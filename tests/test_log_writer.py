@@ -237,3 +237,43 @@ def test_event_rows_derive_status_and_cost() -> None:
     assert failed_row["status"] == "error" and failed_row["cost_usd"] is None
     pending_row = _row({**event, "status_code": None, "resp_payload": None})
     assert pending_row["status"] == "pending" and pending_row["resp_payload"] == ""
+
+
+async def test_a_batch_whose_dead_letters_cannot_be_parked_is_read_again(
+    project: Project, running, chdb_url: str
+) -> None:
+    """The DLQ publish fails once: that batch is neither written nor skipped; later batches follow it."""
+    kafka_url, settings = running.settings.kafka_url, running.settings
+    topic, group = f"logs.dlqfail.{secrets.token_hex(4)}", f"writer-dlqfail-{secrets.token_hex(4)}"
+    await ensure_topics(kafka_url, [topic, dlq_topic(topic)])
+    marker = secrets.token_hex(6)
+    first = [orjson.dumps(e) for e in events_for(project.id, 3, marker=marker)]
+    await send_raw(kafka_url, topic, [b"not json " + marker.encode(), *first], key=project.id.encode())
+
+    broker = make_broker(kafka_url)
+    register_log_writer(broker, ClickHouse(chdb_url), settings, topic=topic, group_id=group)
+    publish_letter, failures = broker.publish, []
+
+    async def publish_failing_once(*args, **kwargs):  # the DLQ is the writer's only publish
+        if not failures:
+            failures.append(args)
+            raise ConnectionError("DLQ unreachable")
+        return await publish_letter(*args, **kwargs)
+
+    broker.publish = publish_failing_once  # type: ignore[method-assign]
+    await broker.start()
+    try:
+        await wait_until(lambda: _true(bool(failures)), what="the failed DLQ publish")
+        later = [orjson.dumps(e) for e in events_for(project.id, 5, marker=marker)]
+        await send_raw(kafka_url, topic, later, key=project.id.encode())
+        async with project.client() as client:
+            assert await wait_for_count(client, 8, params={"metadata.marker": marker}) == 8
+        await wait_until(lambda: _group_committed(kafka_url, group, topic, 9), what="all 9 offsets committed")
+        parked = [v for v in await read_topic(kafka_url, dlq_topic(topic)) if marker.encode() in v]
+        assert len(parked) == 1
+    finally:
+        await broker.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
