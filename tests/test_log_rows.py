@@ -104,6 +104,9 @@ def test_lax_values_the_schema_accepts_are_still_accepted() -> None:
         ({"log_id": ""}, "log_id"),
         ({"colour": "red"}, "colour"),
         ({"schema_version": 2}, "schema_version"),
+        ({"status_code": 2**40}, "status_code"),  # would not fit the Int32 column
+        ({"requested_at": 2**63 + 5}, "requested_at"),  # nor Int64
+        ({"received_at": -1}, "received_at"),
     ],
 )
 def test_invalid_events_fail_with_the_schema_error(change: dict, named: str) -> None:
@@ -124,3 +127,22 @@ def test_payloads_are_stored_as_sent_with_unicode_escapes_written_out() -> None:
     escaped = row(json.dumps(event, ensure_ascii=True).encode())  # how Python's json writes it
     assert "café ☕" in escaped["req_payload"]
     assert orjson.loads(escaped["req_payload"]) == request
+
+
+@pytest.mark.parametrize(
+    ("reported", "stored"),
+    [(7, 7), ("12", 12), (1.9, 1), (-5, 0), (2**40, 2**32 - 1), ("many", 0), (None, 0), (True, 0), ([3], 0)],
+)
+def test_token_counts_are_stored_as_counts_whatever_was_reported(reported: object, stored: int) -> None:
+    """The token columns are UInt32: a value that would not fit must not make the batch unwritable."""
+    event = {
+        "log_id": "l",
+        "project_id": "p",
+        "requested_at": 1,
+        "received_at": 2,
+        "status_code": 200,
+        "req_payload": {"model": "gpt-4o-mini"},
+        "resp_payload": {"usage": {"prompt_tokens": reported, "completion_tokens": reported}},
+    }
+    values = row(orjson.dumps(event))
+    assert (values["prompt_tokens"], values["completion_tokens"]) == (stored, stored)

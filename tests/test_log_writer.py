@@ -277,3 +277,16 @@ async def test_a_batch_whose_dead_letters_cannot_be_parked_is_read_again(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_out_of_range_token_counts_do_not_block_the_batch(project: Project, running) -> None:
+    """Token counts come from free-form responses: ones that do not fit UInt32 are stored clamped."""
+    marker = secrets.token_hex(6)
+    events = events_for(project.id, 4, marker=marker)
+    for event, tokens in zip(events, (-5, 2**40), strict=False):
+        event["resp_payload"] = {**RESPONSE, "usage": {"prompt_tokens": tokens, "completion_tokens": 1}}
+    await publish(running.settings.kafka_url, events)
+    async with project.client() as client:
+        assert await wait_for_count(client, 4, params={"metadata.marker": marker}) == 4
+        logs = (await client.get("/logs", params={"metadata.marker": marker})).json()["data"]
+    assert sorted(log["usage"]["prompt_tokens"] for log in logs) == [0, 5, 5, 2**32 - 1]

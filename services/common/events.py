@@ -26,6 +26,11 @@ ALL_TOPICS = (
 )
 
 
+# Bounds that keep every event storable (ClickHouse Int64 times, Int32 status): 9999-12-31 in ms.
+MAX_UNIX_MS = 253_402_300_799_999
+MAX_STATUS_CODE = 999
+
+
 def dlq_topic(topic: str) -> str:
     return f"{topic}.dlq"
 
@@ -44,11 +49,11 @@ class LogEvent(BaseModel):
     log_id: str = Field(min_length=1, max_length=64)
     project_id: str = Field(min_length=1, max_length=64)
     source: Literal["openai", "anthropic"] = "openai"
-    requested_at: int = Field(description="unix ms when the call was made")
-    received_at: int = Field(description="unix ms when the response arrived")
+    requested_at: int = Field(ge=0, le=MAX_UNIX_MS, description="unix ms when the call was made")
+    received_at: int = Field(ge=0, le=MAX_UNIX_MS, description="unix ms when the response arrived")
     req_payload: Any
     resp_payload: Any = None
-    status_code: int | None = None
+    status_code: int | None = Field(None, ge=0, le=MAX_STATUS_CODE)
     error_message: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     cache_hit: bool = False

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.common.events import MAX_STATUS_CODE, MAX_UNIX_MS
+
 TAG_NAME = re.compile(r"^[A-Za-z0-9_$.]+$")
 TagValue = str | int | float | bool | None
 
@@ -23,11 +25,11 @@ class ReportRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    requestedAt: float | None = None
-    receivedAt: float | None = None
+    requestedAt: float | None = Field(None, ge=0, le=MAX_UNIX_MS, description="unix ms")
+    receivedAt: float | None = Field(None, ge=0, le=MAX_UNIX_MS, description="unix ms")
     reqPayload: Any = None
     respPayload: Any = None
-    statusCode: float | None = None
+    statusCode: float | None = Field(None, ge=0, le=MAX_STATUS_CODE)
     errorMessage: str | None = None
     tags: dict[str, TagValue] | None = None
 

@@ -17,10 +17,13 @@ import msgspec
 import orjson
 
 from services.common import anthropic_format
-from services.common.events import LogEvent
+from services.common.events import MAX_STATUS_CODE, MAX_UNIX_MS, LogEvent
 from services.ingest.pricing import cost_usd
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+_UnixMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_UNIX_MS)]
+_Status = Annotated[int, msgspec.Meta(ge=0, le=MAX_STATUS_CODE)]
+_MAX_TOKENS = 2**32 - 1  # the token columns are UInt32
 _NULL = msgspec.Raw(b"null")
 
 
@@ -29,13 +32,13 @@ class WireLogEvent(msgspec.Struct, forbid_unknown_fields=True):
 
     log_id: _Id
     project_id: _Id
-    requested_at: int
-    received_at: int
+    requested_at: _UnixMs
+    received_at: _UnixMs
     req_payload: msgspec.Raw
     schema_version: Literal[1] = 1
     source: Literal["openai", "anthropic"] = "openai"
     resp_payload: msgspec.Raw = _NULL
-    status_code: int | None = None
+    status_code: _Status | None = None
     error_message: str | None = None
     metadata: dict[str, str] = {}
     cache_hit: bool = False
@@ -90,11 +93,20 @@ def _get(value: Any, name: str) -> Any:
     return getattr(value, name, None)
 
 
+def _tokens(value: Any) -> int:
+    """A token count as reported; what is not a count (negative, text, ...) counts as 0."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        return 0
+    return min(int(value), _MAX_TOKENS)
+
+
 def _usage(resp: Any) -> tuple[int, int]:
     usage = _get(resp, "usage")
     if not isinstance(usage, dict):
         return 0, 0
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return _tokens(usage.get("prompt_tokens")), _tokens(usage.get("completion_tokens"))
 
 
 def _finish_reason(resp: Any) -> str:
