@@ -98,8 +98,8 @@ async def _show_capabilities(client: httpx.AsyncClient, console: Console) -> Non
         f"metadata {newest['metadata']}"
     )
     errors = (await client.get("/logs/count", params={"status": "error"})).json()["count"]
-    sql = (await client.get("/logs/count", params={"metadata.prompt_id": "sql-gen-v2"})).json()["count"]
-    console.print(f"search: {errors} failed calls · {sql} calls with metadata.prompt_id=sql-gen-v2")
+    sql = (await client.get("/logs/count", params={"metadata.prompt_id": "text-to-sql-v2"})).json()["count"]
+    console.print(f"search: {errors} failed calls · {sql} calls with metadata.prompt_id=text-to-sql-v2")
     tagged = await client.post(
         "/logs/update-metadata",
         json={

@@ -144,5 +144,7 @@ def test_demo_runs_the_loop_end_to_end(tmp_path: Path) -> None:
     captured = re.search(r"(\d+) calls captured in", result.stdout)
     assert captured and int(captured.group(1)) >= 290  # a few sample calls are failures, still captured
     assert "Captured request logs" in result.stdout
+    searched = re.search(r"(\d+) calls with metadata.prompt_id=text-to-sql-v2", result.stdout)
+    assert searched and int(searched.group(1)) > 0  # the metadata search finds what was captured
     assert re.search(r"import from logs\s+│\s+\d+ entries \(\d+ TRAIN / \d+ TEST\)", result.stdout)
     assert "snapshot for training" in result.stdout and "Distillery stopped." in result.stdout
