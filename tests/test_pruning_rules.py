@@ -41,6 +41,7 @@ def make_dataset(running: RunningPlatform) -> Callable[..., Awaitable[str]]:
                     parse_entry(row),
                     dataset_id=dataset.id,
                     source="api",
+                    entry_id=new_id("dse"),
                     moment=moment + timedelta(seconds=i),
                 )
                 values.append(value)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +45,18 @@ from services.common.errors import bad_request, not_found
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def entry_ids() -> Iterator[str]:
+    """Entry ids in the usual shape (``dse_`` + 20 hex) but increasing: milliseconds, a sequence
+    number and a per-call salt. Appending to the primary-key index instead of inserting at random
+    places keeps large imports from slowing down as the table grows (and skips a system call per
+    id). Past 65,536 ids from one call they are random again."""
+    prefix = f"dse_{time.time_ns() // 1_000_000 & 0xFFFFFFFFFFF:011x}"
+    salt = secrets.randbits(20)
+    for sequence in range(0x10000):
+        yield f"{prefix}{sequence:04x}{salt:05x}"
+    yield from iter(lambda: new_id("dse"), None)
 
 
 def now() -> datetime:
@@ -79,12 +92,12 @@ def draft_values(
     source: str,
     source_log_id: str | None = None,
     provenance: str | None = None,
+    entry_id: str,
     moment: datetime | None = None,
-    entry_id: str | None = None,
 ) -> dict[str, Any]:
     moment = moment or now()
     return {
-        "id": entry_id or new_id("dse"),
+        "id": entry_id,
         "dataset_id": dataset_id,
         "content_hash": draft.content_hash,
         "split": draft.split,
@@ -134,14 +147,16 @@ async def add_entries(
     known = await existing_hashes(
         session=session, dataset_id=dataset.id, hashes=[d.content_hash for _, d in drafts]
     )
-    moment = now()
+    moment, ids = now(), entry_ids()
     values = []
     for _, draft in drafts:
         if draft.content_hash in known:
             result.duplicates += 1
             continue
         known.add(draft.content_hash)
-        values.append(draft_values(draft, dataset_id=dataset.id, source=source, moment=moment))
+        values.append(
+            draft_values(draft, dataset_id=dataset.id, source=source, entry_id=next(ids), moment=moment)
+        )
     if values:
         await session.execute(insert(DatasetEntry), values)
         dataset.updated_at = moment

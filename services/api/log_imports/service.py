@@ -22,9 +22,8 @@ import asyncio
 import logging
 import multiprocessing
 import os
-import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from services.api.datasets import jobs
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
 from services.api.datasets.rows import EntryDraft, EntryError, parse_entry
-from services.api.datasets.service import draft_values, get_dataset, new_id, now
+from services.api.datasets.service import draft_values, entry_ids, get_dataset, now
 from services.api.log_imports.models import JOB_KIND, SOURCE, ImportFilters, ImportLogsRequest
 from services.common.auth import INTERNAL_TOKEN_HEADER, PROJECT_HEADER
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
@@ -272,21 +271,10 @@ class Converted:
         self.rows += other.rows
 
 
-def _entry_ids() -> Iterator[str]:
-    """Entry ids in the usual shape (``dse_`` + 20 hex) but increasing: milliseconds, a sequence
-    number, and a per-batch salt. Appending to the primary-key index instead of inserting at
-    random places keeps a large import from slowing down as the table grows."""
-    prefix = f"dse_{time.time_ns() // 1_000_000 & 0xFFFFFFFFFFF:011x}"
-    salt = secrets.randbits(20)
-    for sequence in range(0x10000):
-        yield f"{prefix}{sequence:04x}{salt:05x}"
-    yield from iter(lambda: new_id("dse"), None)  # past 65536 entries in one batch
-
-
 def convert_batch(data: bytes, dataset_id: str, moment: Any) -> Converted:
     """A serialized ``RequestLogBatch`` → driver rows. Runs in a worker process (or inline)."""
     converted = Converted()
-    ids = _entry_ids()
+    ids = entry_ids()
     for entry in logs_pb2.RequestLogBatch.FromString(data).logs:
         converted.read += 1
         if entry.status != "success":
