@@ -152,7 +152,7 @@ class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
             project_id,
             filters,
             columns,
-            page_size=PAGE_ROWS if not request.limit else min(PAGE_ROWS, request.limit),
+            page_size=PAGE_ROWS,
             limit=request.limit or None,
             before_id=request.before_id,
         )

@@ -152,9 +152,9 @@ def where_clause(project_id: str, f: LogFilters) -> tuple[str, dict[str, Any]]:
     return " AND ".join(conditions), params
 
 
-async def search(
-    ch: ClickHouse, project_id: str, filters: LogFilters, *, limit: int, before_id: str | None = None
-) -> list[dict]:
+def _page_query(
+    ch: ClickHouse, project_id: str, filters: LogFilters, columns: str, limit: int, before_id: str | None
+) -> tuple[str, dict[str, Any]]:
     """Newest first (log ids are time-ordered); ``before_id`` is the pagination cursor."""
     where, params = where_clause(project_id, filters)
     if before_id:
@@ -162,9 +162,17 @@ async def search(
         params["before_id"] = before_id
     params["limit"] = limit
     sql = (
-        f"SELECT * FROM {ch.database}.{TABLE} FINAL WHERE {where} ORDER BY log_id DESC LIMIT {{limit:UInt32}}"
+        f"SELECT {columns} FROM {ch.database}.{TABLE} FINAL WHERE {where} "
+        "ORDER BY log_id DESC LIMIT {limit:UInt32}"
     )
-    return await ch.query_dicts(sql, params)
+    return sql, params
+
+
+async def search(
+    ch: ClickHouse, project_id: str, filters: LogFilters, *, limit: int, before_id: str | None = None
+) -> list[dict]:
+    """A page of whole stored rows, newest first."""
+    return await ch.query_dicts(*_page_query(ch, project_id, filters, "*", limit, before_id))
 
 
 async def search_selected(
@@ -178,16 +186,7 @@ async def search_selected(
 ) -> list[tuple]:
     """As :func:`search`, but only the ``columns`` expressions, as tuples (no per-row dicts);
     the first column must be ``log_id``, the cursor for the next page."""
-    where, params = where_clause(project_id, filters)
-    if before_id:
-        where += " AND log_id < {before_id:String}"
-        params["before_id"] = before_id
-    params["limit"] = limit
-    sql = (
-        f"SELECT {columns} FROM {ch.database}.{TABLE} FINAL WHERE {where} "
-        "ORDER BY log_id DESC LIMIT {limit:UInt32}"
-    )
-    return await ch.query_rows(sql, params)
+    return await ch.query_rows(*_page_query(ch, project_id, filters, columns, limit, before_id))
 
 
 async def count(ch: ClickHouse, project_id: str, filters: LogFilters) -> int:
