@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from services.common.events import LogEvent
 from services.ingest import store
 from services.ingest.models import AnthropicReportRequest, ReportRequest
-from services.ingest.rows import WireLogEvent, decode_log_event, event_to_row
+from services.ingest.rows import WireLogEvent, decode_log_event, event_to_row, wire_event
 from services.ingest.sample_traffic import ANTHROPIC_ROUTE, sample_reports
 from services.ingest.service import report_to_event
 
@@ -35,12 +35,7 @@ def row(data: bytes) -> dict:
 
 def slow_row(data: bytes) -> dict:
     """The same message forced through pydantic (the path for anything msgspec refuses)."""
-    event = LogEvent.model_validate_json(data)
-    wire = WireLogEvent(
-        **event.model_dump(exclude={"req_payload", "resp_payload"}),
-        req_payload=msgspec.Raw(orjson.dumps(event.req_payload)),
-        resp_payload=msgspec.Raw(orjson.dumps(event.resp_payload)),
-    )
+    wire = wire_event(LogEvent.model_validate_json(data))
     return dict(zip(store.COLUMNS, event_to_row(wire, 0), strict=True))
 
 

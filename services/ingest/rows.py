@@ -70,10 +70,12 @@ def decode_log_event(data: bytes) -> WireLogEvent:
     try:
         return _wire_decoder.decode(data)
     except msgspec.DecodeError:
-        event = LogEvent.model_validate_json(data)  # raises with the reason, or accepts a lax value
-    fields = event.model_dump(exclude={"req_payload", "resp_payload"})
+        return wire_event(LogEvent.model_validate_json(data))  # raises with the reason, or was lax
+
+
+def wire_event(event: LogEvent) -> WireLogEvent:
     return WireLogEvent(
-        **fields,
+        **event.model_dump(exclude={"req_payload", "resp_payload"}),
         req_payload=msgspec.Raw(orjson.dumps(event.req_payload)),
         resp_payload=msgspec.Raw(orjson.dumps(event.resp_payload)),
     )
