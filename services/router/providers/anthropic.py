@@ -9,6 +9,7 @@ from typing import Any
 
 from services.common.errors import bad_request
 from services.router.providers import anthropic_translate as translate
+from services.router.providers.base import translated_chunks
 from services.router.routing import Route
 from services.router.upstream import Upstream
 
@@ -57,21 +58,8 @@ class AnthropicProvider:
             headers=_headers(route),
             timeout=timeout,
         ) as lines:
-            yield _chunks(lines, model, include_usage)
-
-
-async def _chunks(
-    lines: AsyncIterator[str], model: str, include_usage: bool
-) -> AsyncIterator[dict[str, Any]]:
-    parser = translate.SSEParser()
-    translator = translate.AnthropicStreamTranslator(model, int(time.time()))
-    async for line in lines:
-        parsed = parser.feed_line(line)
-        if parsed is None:
-            continue
-        for chunk in translator.feed(parsed[1]):  # an upstream error event raises UpstreamStreamError
-            yield chunk
-    for chunk in translator.finish():  # raises if the stream was cut before message_stop
-        yield chunk
-    if include_usage:
-        yield translator.usage_chunk()
+            yield translated_chunks(
+                lines,
+                translate.AnthropicStreamTranslator(model, int(time.time())),
+                include_usage=include_usage,
+            )

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
+from services.router.providers.anthropic_translate import SSEParser
 from services.router.routing import Route
 from services.router.upstream import Upstream
 
@@ -22,3 +23,29 @@ class Provider(Protocol):
         self, upstream: Upstream, route: Route, body: dict[str, Any], *, model: str, timeout: float | None
     ) -> AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]:
         """OpenAI ``chat.completion.chunk`` dicts; opening it raises if the upstream refuses."""
+
+
+class StreamTranslator(Protocol):
+    """Turns a provider's stream events into OpenAI chunks (Anthropic, Gemini)."""
+
+    def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]: ...
+
+    def finish(self) -> list[dict[str, Any]]: ...
+
+    def usage_chunk(self) -> dict[str, Any]: ...
+
+
+async def translated_chunks(
+    lines: AsyncIterator[str], translator: StreamTranslator, *, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    """An upstream SSE stream as OpenAI chunks; the translator raises on error events or a cut stream."""
+    parser = SSEParser()
+    async for line in lines:
+        parsed = parser.feed_line(line)
+        if parsed is not None:
+            for chunk in translator.feed(parsed[1]):
+                yield chunk
+    for chunk in translator.finish():
+        yield chunk
+    if include_usage:
+        yield translator.usage_chunk()

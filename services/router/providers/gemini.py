@@ -10,6 +10,7 @@ from typing import Any
 
 from services.common.errors import bad_request
 from services.router.providers import gemini_translate as translate
+from services.router.providers.base import translated_chunks
 from services.router.routing import Route
 from services.router.upstream import Upstream
 
@@ -52,21 +53,8 @@ class GeminiProvider:
         async with upstream.stream_lines(
             self.name, route.base_url, path, _request(body), headers=_headers(route), timeout=timeout
         ) as lines:
-            yield _chunks(lines, model, include_usage)
-
-
-async def _chunks(
-    lines: AsyncIterator[str], model: str, include_usage: bool
-) -> AsyncIterator[dict[str, Any]]:
-    parser = translate.SSEParser()
-    translator = translate.GeminiStreamTranslator(model, int(time.time()), _completion_id())
-    async for line in lines:
-        parsed = parser.feed_line(line)
-        if parsed is None:
-            continue
-        for chunk in translator.feed(parsed[1]):  # an upstream error event raises UpstreamStreamError
-            yield chunk
-    for chunk in translator.finish():
-        yield chunk
-    if include_usage:
-        yield translator.usage_chunk()
+            yield translated_chunks(
+                lines,
+                translate.GeminiStreamTranslator(model, int(time.time()), _completion_id()),
+                include_usage=include_usage,
+            )
