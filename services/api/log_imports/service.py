@@ -28,6 +28,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from itertools import chain
 from typing import Any
 
@@ -414,6 +415,9 @@ async def run_import(
     bulk, moment = await _timestamp_value(sessions)
     loop = asyncio.get_running_loop()
     executor = importer.executor()
+    write = partial(
+        _write_batch, sessions=sessions, job_id=job_id, dataset_id=dataset_id, bulk=bulk, tally=tally
+    )
 
     def convert(data: bytes) -> asyncio.Future[Converted]:
         if executor is None:
@@ -455,24 +459,10 @@ async def run_import(
                         or batch.read >= 5 * ROWS_PER_TRANSACTION  # failed calls only: still progress
                         or time.monotonic() - since >= FLUSH_SECONDS
                     ):
-                        await _write_batch(
-                            sessions=sessions,
-                            job_id=job_id,
-                            dataset_id=dataset_id,
-                            bulk=bulk,
-                            batch=batch,
-                            tally=tally,
-                        )
+                        await write(batch=batch)
                         batch, since = Converted(), time.monotonic()
                 if batch.read:
-                    await _write_batch(
-                        sessions=sessions,
-                        job_id=job_id,
-                        dataset_id=dataset_id,
-                        bulk=bulk,
-                        batch=batch,
-                        tally=tally,
-                    )
+                    await write(batch=batch)
             finally:
                 if not reader.done():
                     reader.cancel()
