@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from platform_stack import PlatformStack, cpu_seconds, uuid7  # noqa: E402
+from platform_stack import Http, PlatformStack, cpu_seconds, uuid7  # noqa: E402
 
 API = "/api/v1"
 TOPIC = "logs.v1"
@@ -61,41 +60,6 @@ def descendants(pid: int) -> list[int]:
         found.append(current)
         todo.extend(children.get(current, []))
     return found
-
-
-class Http:
-    """A keep-alive client on http.client (stdlib)."""
-
-    def __init__(self, port: int, key: str | None = None, timeout: float = 600) -> None:
-        self.port, self.key, self.timeout = port, key, timeout
-        self.conn: http.client.HTTPConnection | None = None
-
-    def request(
-        self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"
-    ) -> tuple[int, bytes]:
-        headers = {"Content-Type": content_type}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        for attempt in (1, 2):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
-            try:
-                self.conn.request(method, path, body=body, headers=headers)
-                response = self.conn.getresponse()
-                return response.status, response.read()
-            except (OSError, http.client.HTTPException):
-                self.conn.close()
-                self.conn = None
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def json(self, method: str, path: str, body: object = None) -> tuple[int, dict]:
-        status, raw = self.request(method, path, None if body is None else json.dumps(body).encode())
-        try:
-            return status, json.loads(raw) if raw else {}
-        except ValueError:
-            return status, {"raw": raw[:300].decode(errors="replace")}
 
 
 # --- the stack under test ------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import multiprocessing as mp
 import os
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import platform_stack  # noqa: E402
 from platform_stack import CLOCK_TICKS, PlatformStack, cpu_seconds, uuid7  # noqa: E402
 
 API = "/api/v1"
@@ -82,40 +82,14 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds == seconds else "n/a"
 
 
-class Http:
-    """A keep-alive JSON client on http.client (stdlib; usable in spawned processes)."""
-
-    def __init__(self, port: int, key: str | None = None, timeout: float = 30) -> None:
-        self.port, self.key, self.timeout = port, key, timeout
-        self.conn: http.client.HTTPConnection | None = None
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        for attempt in (1, 2):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
-            try:
-                self.conn.request(method, path, body=body, headers=headers)
-                response = self.conn.getresponse()
-                return response.status, response.read()
-            except (OSError, http.client.HTTPException):
-                self.conn.close()
-                self.conn = None
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+class Http(platform_stack.Http):
+    """The shared client plus the count every run polls."""
 
     def count(self) -> int:
         status, body = self.request("GET", f"{API}/logs/count")
         if status != 200:
             raise RuntimeError(f"GET /logs/count -> {status}: {body[:300]!r}")
         return int(json.loads(body)["count"])
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
 
 
 # --- the count poller (its own process, so timestamps do not wait on the load generator) --------

@@ -6,6 +6,7 @@ The bench process never opens chDB (one data path per process): it measures thro
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,19 +42,50 @@ def uuid7(ms: int) -> str:
     return str(uuid.UUID(int=value))
 
 
-def _healthy(port: int) -> bool:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        connection.request("GET", "/healthz")
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        connection.close()
+class Http:
+    """A keep-alive client on http.client (stdlib; usable in spawned processes), with the bench key."""
+
+    def __init__(self, port: int, key: str | None = None, timeout: float = 30) -> None:
+        self.port, self.key, self.timeout = port, key, timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"
+    ) -> tuple[int, bytes]:
+        headers = {"Content-Type": content_type}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        for attempt in (1, 2):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            try:
+                self.conn.request(method, path, body=body, headers=headers)
+                response = self.conn.getresponse()
+                return response.status, response.read()
+            except (OSError, http.client.HTTPException):
+                self.conn.close()
+                self.conn = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def json(self, method: str, path: str, body: object = None) -> tuple[int, dict]:
+        status, raw = self.request(method, path, None if body is None else json.dumps(body).encode())
+        try:
+            return status, json.loads(raw) if raw else {}
+        except ValueError:
+            return status, {"raw": raw[:300].decode(errors="replace")}
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 class PlatformStack:
-    """Tansu + ``distillery up`` (separate processes) on a temporary data dir; a context manager."""
+    """Tansu + ``distillery up`` (separate processes) on a temporary data dir; a context manager.
+
+    Without :meth:`start_broker`, ``up`` starts its own Tansu child (its embedded default)."""
 
     def __init__(self, keep: bool, prefix: str = "distillery-bench-") -> None:
         self.keep = keep
@@ -102,12 +135,15 @@ class PlatformStack:
             raise RuntimeError(f"`distillery keys create` failed:\n{done.stdout}\n{done.stderr}")
         return project_id.group(1), key.group(1)
 
-    def start_platform(self, timeout: float = 120) -> None:
-        """``distillery up`` on the stack's broker, waited for until /healthz answers."""
+    def start_platform(self, timeout: float = 120, env: dict[str, str] | None = None) -> None:
+        """``distillery up`` (on the stack's broker, if started) with ``env`` added, waited for until
+        /healthz answers."""
         from services.common.kafka import free_port
 
         self.port, grpc_port = free_port(), free_port()
-        env = {**os.environ, "DISTILLERY_KAFKA_URL": self.tansu.url, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        if self.tansu is not None:
+            env["DISTILLERY_KAFKA_URL"] = self.tansu.url
         command = [
             PYTHON,
             "-m",
@@ -128,13 +164,25 @@ class PlatformStack:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C on the bench does not hit it twice
         )
+        health = Http(self.port, timeout=2)
+        try:
+            self.wait_for(lambda: health.request("GET", "/healthz")[0] == 200, timeout, "healthy")
+        finally:
+            health.close()
+
+    def wait_for(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``check`` until it is true; fail with the log's tail if ``up`` exits or time runs out."""
         deadline = time.time() + timeout
-        while not _healthy(self.port):
+        while time.time() < deadline:
             if self.up.poll() is not None:
                 raise RuntimeError(f"`distillery up` exited with {self.up.returncode}:\n{self.log_tail()}")
-            if time.time() > deadline:
-                raise RuntimeError(f"`distillery up` not healthy after {timeout}s:\n{self.log_tail()}")
-            time.sleep(0.2)
+            try:
+                if check():
+                    return
+            except (OSError, http.client.HTTPException):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"`distillery up` not {what} after {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         try:

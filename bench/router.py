@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import multiprocessing as mp
 import os
@@ -32,18 +31,20 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from platform_stack import CLOCK_TICKS, PYTHON, Http, PlatformStack, cpu_seconds  # noqa: E402
+
+from services.common.kafka import free_port  # noqa: E402
 
 TARGET_RATE = 500  # requests/s at which the overhead target is stated
 TARGET_P50_MS = 1.0
@@ -424,17 +425,6 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """user+system CPU of a live process (all its threads), from /proc."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
 def children(pid: int) -> list[int]:
     try:
         found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -646,44 +636,15 @@ def run_wrk(
 # --- the stack under test ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(
-    port: int, method: str, path: str, body: object = None, key: str | None = None, timeout: float = 10
-) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    try:
-        conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-class Stack:
-    """The instant upstream and ``distillery up`` (separate processes) on a temporary data dir."""
+class Stack(PlatformStack):
+    """The instant upstream and ``distillery up`` (on its embedded Tansu) on a temporary data dir."""
 
     def __init__(self, keep: bool, project_limit: int) -> None:
-        self.keep = keep
+        super().__init__(keep, prefix="distillery-router-bench-")
         self.project_limit = project_limit
-        self.tmp = Path(tempfile.mkdtemp(prefix="distillery-router-bench-"))
         self.key = "opk_bench_" + secrets.token_urlsafe(24)
         self.upstream: subprocess.Popen | None = None
-        self.platform: subprocess.Popen | None = None
         self.machine = Machine()
-
-    def __enter__(self) -> Stack:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start_upstream(self) -> None:
         self.upstream_port = free_port()
@@ -698,80 +659,35 @@ class Stack:
             raise RuntimeError(f"upstream did not start: {line!r}")
         self.machine.pids["upstream"] = self.upstream.pid
 
-    def start_platform(self) -> None:
-        self.port, grpc_port = free_port(), free_port()
+    def start_router(self) -> None:
         env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
             "DISTILLERY_BOOTSTRAP_API_KEY": self.key,
             "DISTILLERY_OPENAI_BASE_URL": f"http://127.0.0.1:{self.upstream_port}/v1",
         }
         if self.project_limit:
             env["DISTILLERY_PROJECT_MAX_CONCURRENCY"] = str(self.project_limit)
-        self.platform_log = self.tmp / "up.log"
-        self.platform = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "services.cli",
-                "up",
-                "--port",
-                str(self.port),
-                "--grpc-port",
-                str(grpc_port),
-                "--data-dir",
-                str(self.tmp / "data"),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=open(self.platform_log, "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C on the bench does not hit it twice
+        self.start_platform(env=env)
+        self.machine.pids["platform"] = self.up.pid
+        client = Http(self.port, self.key, timeout=10)
+        status, text = client.request(
+            "PUT", "/api/v1/provider-keys", json.dumps({"openai": OPENAI_KEY}).encode()
         )
-        self.machine.pids["platform"] = self.platform.pid
-        self._wait(lambda: call(self.port, "GET", "/healthz", timeout=2)[0] == 200, 120, "healthy")
-        status, text = call(self.port, "PUT", "/api/v1/provider-keys", {"openai": OPENAI_KEY}, key=self.key)
         if status != 200:
             raise RuntimeError(f"PUT /provider-keys -> {status}: {text[:300]!r}\n{self.log_tail()}")
-        body = {"model": MODEL, "messages": MESSAGES}
+        body = json.dumps({"model": MODEL, "messages": MESSAGES}).encode()
 
         def answers() -> bool:  # the key reaches the router over catalog.v1 within a second or so
-            status, text = call(self.port, "POST", ROUTER_PATH, body, key=self.key)
+            status, text = client.request("POST", ROUTER_PATH, body)
             if status not in (200, 400):
                 raise RuntimeError(f"POST /chat/completions -> {status}: {text[:300]!r}")
             return status == 200
 
-        self._wait(answers, 60, "serving completions")
-
-    def _wait(self, check, timeout: float, what: str) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.platform.poll() is not None:
-                raise RuntimeError(
-                    f"`distillery up` exited with {self.platform.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                if check():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"`distillery up` not {what} after {timeout:.0f}s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
         try:
-            return "\n".join(self.platform_log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+            self.wait_for(answers, 60, "serving completions")
+        finally:
+            client.close()
 
     def stop(self) -> None:
-        if self.platform and self.platform.poll() is None:
-            self.platform.send_signal(signal.SIGINT)
-            try:
-                self.platform.wait(30)
-            except subprocess.TimeoutExpired:
-                self.platform.kill()
-                self.platform.wait()
         if self.upstream and self.upstream.poll() is None:
             self.upstream.terminate()
             try:
@@ -779,10 +695,7 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.upstream.kill()
                 self.upstream.wait()
-        if self.keep:
-            print(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        super().stop()
 
 
 def build_request(port: int, path: str, key: str, body: bytes) -> bytes:
@@ -928,14 +841,14 @@ def main() -> None:
     t_start = time.time()
     with Stack(args.keep, args.project_limit) as stack:
         stack.start_upstream()
-        stack.start_platform()
+        stack.start_router()
         machine = stack.machine
         idle0 = machine.snapshot()
         time.sleep(2)
         idle, _ = machine.busy(idle0)
         print(
             f"Distillery router overhead bench: {os.cpu_count()} CPUs shared by the load generator, the "
-            f"platform (`distillery up`, pid {stack.platform.pid}, with its Tansu child) and the instant "
+            f"platform (`distillery up`, pid {stack.up.pid}, with its Tansu child) and the instant "
             f"upstream (pid {stack.upstream.pid}); started in {time.time() - t_start:.1f} s"
         )
         print(
