@@ -20,9 +20,9 @@ from pydantic import ValidationError
 from services.common.auth import KeyRing, resolve_grpc_project
 from services.common.errors import APIError, bad_request, invalid_input
 from services.common.grpc.distillery.v1 import inference_pb2, inference_pb2_grpc
-from services.router.protocol import DISABLED_CACHE, ChatCompletionRequest, Fallback, OpenPipeOptions
+from services.router.protocol import ChatCompletionRequest, Fallback, OpenPipeOptions
 from services.router.service import CallOptions, ChatService
-from services.router.views import CACHE_MODES
+from services.router.views import cache_mode
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,6 @@ def parse_request(request_json: str, *, stream: bool) -> tuple[dict[str, Any], C
     return raw, body
 
 
-def _cache_mode(value: str | bool | None, source: str) -> str | None:
-    if value is None or value is False or str(value).lower() in DISABLED_CACHE:
-        return None
-    if value not in CACHE_MODES:
-        raise bad_request(f"{source} must be one of {', '.join(CACHE_MODES)}, got {value!r}.", param=source)
-    return str(value)
-
-
 def call_options(request: inference_pb2.CompletionRequest, body: ChatCompletionRequest) -> CallOptions:
     """The typed options win over the body's ``openpipe`` field, which wins over ``store``
     (the same order as the ``op-*`` headers over HTTP)."""
@@ -94,7 +86,7 @@ def call_options(request: inference_pb2.CompletionRequest, body: ChatCompletionR
     else:
         log_request = bool(body.store)
     cache = (
-        _cache_mode(request.cache, "cache") if request.cache else _cache_mode(options.cache, "openpipe.cache")
+        cache_mode(request.cache, "cache") if request.cache else cache_mode(options.cache, "openpipe.cache")
     )
     fallback = options.fallback
     if request.HasField("fallback"):

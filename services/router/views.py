@@ -33,7 +33,7 @@ async def _json_body(request: Request) -> Any:
         raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def _cache_mode(value: str | bool | None, source: str) -> str | None:
+def cache_mode(value: str | bool | None, source: str) -> str | None:
     if value is None or value is False or str(value).lower() in DISABLED_CACHE:
         return None
     if value not in CACHE_MODES:
@@ -71,9 +71,9 @@ def call_options(headers: Mapping[str, str], body: ChatCompletionRequest) -> Cal
         log_request = bool(body.store)
     header_cache = headers.get("op-cache")
     cache = (
-        _cache_mode(header_cache, "op-cache")
+        cache_mode(header_cache, "op-cache")
         if header_cache is not None
-        else _cache_mode(options.cache, "openpipe.cache")
+        else cache_mode(options.cache, "openpipe.cache")
     )
     tags = {**(options.tags or {}), **_header_tags(headers.get("op-tags"))}
     return CallOptions(log_request=log_request, cache=cache, tags=tags, fallback=options.fallback)
