@@ -491,6 +491,9 @@ async def test_search_batches_stream_the_same_logs_in_batches(
         assert slim.req_payload_json == "" and slim.resp_payload_json == ""
         assert slim.openai_request_json == full.openai_request_json and slim.openai_request_json
         assert slim.openai_response_json == full.openai_response_json
+    slim_search = [log async for log in stub.Search(request, metadata=metadata)]  # Search honours it too
+    assert [log.id for log in slim_search] == [log.id for log in batch.logs]
+    assert all(log.req_payload_json == "" and log.openai_request_json for log in slim_search)
 
 
 async def test_wrong_internal_token_is_unauthenticated(
