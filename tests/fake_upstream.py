@@ -117,6 +117,8 @@ def _openai_completion(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _openai_sse(completion: dict[str, Any], include_usage: bool) -> list[bytes]:
+    """The completion as OpenAI streams it: role, content in 7-character pieces, each tool call's
+    header then its arguments in 10-character pieces, the finish reason, and optionally usage."""
     base = {
         "id": completion["id"],
         "object": "chat.completion.chunk",
@@ -127,89 +129,28 @@ def _openai_sse(completion: dict[str, Any], include_usage: bool) -> list[bytes]:
     events = []
     for choice in completion["choices"]:
         message = choice["message"]
-        events.append(
-            {
-                **base,
-                "choices": [
-                    {
-                        "index": choice["index"],
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
-            }
-        )
+
+        def chunk(
+            delta: dict[str, Any], finish_reason: str | None = None, index: int = choice["index"]
+        ) -> dict:
+            item = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {**base, "choices": [item]}
+
+        events.append(chunk({"role": "assistant", "content": ""}))
         content = message.get("content") or ""
-        for start in range(0, len(content), 7):
-            events.append(
-                {
-                    **base,
-                    "choices": [
-                        {
-                            "index": choice["index"],
-                            "delta": {"content": content[start : start + 7]},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-            )
+        events += [chunk({"content": content[start : start + 7]}) for start in range(0, len(content), 7)]
         for i, call in enumerate(message.get("tool_calls") or []):
+            header = {"index": i, "id": call["id"], "type": "function"}
+            header["function"] = {"name": call["function"]["name"], "arguments": ""}
+            events.append(chunk({"tool_calls": [header]}))
             arguments = call["function"]["arguments"]
-            events.append(
-                {
-                    **base,
-                    "choices": [
-                        {
-                            "index": choice["index"],
-                            "logprobs": None,
-                            "finish_reason": None,
-                            "delta": {
-                                "tool_calls": [
-                                    {
-                                        "index": i,
-                                        "id": call["id"],
-                                        "type": "function",
-                                        "function": {"name": call["function"]["name"], "arguments": ""},
-                                    }
-                                ]
-                            },
-                        }
-                    ],
-                }
-            )
-            for start in range(0, len(arguments), 10):
-                events.append(
-                    {
-                        **base,
-                        "choices": [
-                            {
-                                "index": choice["index"],
-                                "logprobs": None,
-                                "finish_reason": None,
-                                "delta": {
-                                    "tool_calls": [
-                                        {"index": i, "function": {"arguments": arguments[start : start + 10]}}
-                                    ]
-                                },
-                            }
-                        ],
-                    }
+            events += [
+                chunk(
+                    {"tool_calls": [{"index": i, "function": {"arguments": arguments[start : start + 10]}}]}
                 )
-        events.append(
-            {
-                **base,
-                "choices": [
-                    {
-                        "index": choice["index"],
-                        "delta": {},
-                        "logprobs": None,
-                        "finish_reason": choice["finish_reason"],
-                    }
-                ],
-            }
-        )
+                for start in range(0, len(arguments), 10)
+            ]
+        events.append(chunk({}, choice["finish_reason"]))
     if include_usage:
         events.append({**base, "choices": [], "usage": completion["usage"]})
     return [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
