@@ -86,7 +86,7 @@ def _view(decoder: msgspec.json.Decoder, raw: msgspec.Raw) -> Any:
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError:
-        return _ResponseView() if raw == _NULL else msgspec.json.decode(raw)
+        return msgspec.json.decode(raw)
 
 
 def _get(value: Any, name: str) -> Any:
