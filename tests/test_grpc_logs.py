@@ -228,7 +228,7 @@ async def test_invalid_status_is_invalid_argument(stub: logs_pb2_grpc.LogQuerySt
 
 
 async def test_log_store_failure_is_unavailable() -> None:
-    """A ClickHouse nobody listens on: both calls fail UNAVAILABLE, not UNKNOWN."""
+    """A ClickHouse nobody listens on: every call fails UNAVAILABLE, not UNKNOWN."""
     key, keyring = "opk_unavailable_test_key", KeyRing()
     keyring.add(hash_api_key(key), "project-unavailable")
     clickhouse = ClickHouse(f"http://127.0.0.1:{free_port()}")
@@ -243,6 +243,12 @@ async def test_log_store_failure_is_unavailable() -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as failed:
                     await call(stub, key)
                 assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            batches = stub.SearchBatches(
+                logs_pb2.SearchLogsRequest(), metadata=(("authorization", f"Bearer {key}"),)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                [batch async for batch in batches]
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(grace=None)
         clickhouse.close()
