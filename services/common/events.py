@@ -121,3 +121,71 @@ class RelabelResult(BaseModel):
     model: str
     output: dict[str, Any] | None = None
     error: str | None = None
+
+
+TRAINING_REQUESTS_TOPIC = "training.requests.v1"
+TRAINING_EVENTS_TOPIC = "training.events.v1"
+
+TrainingStatus = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
+
+
+class TrainingHyperparameters(BaseModel):
+    """Resolved hyperparameters: the api turns ``"auto"`` and defaults into numbers before sending,
+    except ``batch_size`` which the trainer sizes from the data and memory when it is ``"auto"``."""
+
+    enable_sft: bool = True
+    enable_preference_tuning: bool = False
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float = 1.0
+    num_epochs: int | None = Field(None, description="None: the trainer picks from the row count")
+    preference_learning_rate_multiplier: float = 1.0
+    preference_num_epochs: int | None = None
+    training_beta: float = 0.1
+    adapter_weight: float = 1.0
+    seed: int | None = None
+
+
+class TrainingRequest(BaseModel):
+    """One fine-tuning run, on ``training.requests.v1`` (key: job id).
+
+    Carries everything the trainer needs so it never reads the catalog: the dataset arrives only as a
+    content-addressed snapshot in the blob store. ``action`` lets the api steer a run in flight.
+    """
+
+    request_id: str = Field(description="stable: job id and action sequence number")
+    action: Literal["start", "cancel", "pause", "resume"] = "start"
+    job_id: str
+    project_id: str
+    model_slug: str = Field(description="the Model this run produces (the job's fine_tuned_model)")
+    base_model: str = Field(description="a model-store name, e.g. distillery/tiny-chat")
+    parent_adapter_uri: str | None = Field(
+        None, description="continue from an earlier model's adapter (baseModel = that model's slug)"
+    )
+    snapshot_uri: str = Field("", description="blob key of the dataset snapshot (JSONL of entries)")
+    validation_snapshot_uri: str | None = None
+    pruning_rules: list[str] = Field(default_factory=list, description="texts removed from prompts")
+    hyperparameters: TrainingHyperparameters = Field(default_factory=TrainingHyperparameters)
+    output_prefix: str = Field("", description="blob prefix for adapters, checkpoints and the loss curve")
+
+
+class TrainingEvent(BaseModel):
+    """Status, metrics and checkpoints of a run, on ``training.events.v1`` (key: job id).
+
+    ``event_id`` is stable (job id + sequence) so the api applies each event once.
+    """
+
+    event_id: str
+    job_id: str
+    project_id: str
+    seq: int = Field(ge=0, description="monotonic per job; the api ignores anything not newer")
+    created_at: int = Field(description="unix seconds")
+    type: Literal["message", "metrics", "status", "checkpoint"]
+    level: Literal["info", "warn", "error"] = "info"
+    message: str = ""
+    status: TrainingStatus | None = None
+    # metrics: step, total_steps, train_loss, train_mean_token_accuracy, tokens_per_second, epoch
+    data: dict[str, Any] = Field(default_factory=dict)
+    # checkpoint: blob key of the checkpoint folder; status=succeeded: blob key of the final adapter
+    artifact_uri: str | None = None
+    trained_tokens: int | None = None
+    error_code: str | None = None
