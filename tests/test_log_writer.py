@@ -131,6 +131,41 @@ async def test_poison_messages_go_to_the_dlq_and_do_not_block(project: Project, 
     assert any("invalid log event" in r for r in reasons.values())
 
 
+async def test_unknown_project_and_key_mismatch_are_dead_lettered(
+    project: Project, make_project, running
+) -> None:
+    """A producer's typo must be visible: nothing is stored under a project no one can see."""
+    other_project = await make_project()
+    marker = secrets.token_hex(8)
+    good, unknown, mismatched = events_for(project.id, 3, marker=marker)
+    unknown["project_id"] = f"proj_typo_{marker}"
+    await send_raw(running.settings.kafka_url, LOGS_TOPIC, [orjson.dumps(good)], key=project.id.encode())
+    await send_raw(
+        running.settings.kafka_url, LOGS_TOPIC, [orjson.dumps(unknown)], key=unknown["project_id"].encode()
+    )
+    await send_raw(
+        running.settings.kafka_url, LOGS_TOPIC, [orjson.dumps(mismatched)], key=other_project.id.encode()
+    )
+
+    async def parked() -> list[DeadLetter]:
+        letters = [
+            DeadLetter.model_validate_json(v)
+            for v in await read_topic(running.settings.kafka_url, dlq_topic(LOGS_TOPIC))
+        ]
+        return [d for d in letters if marker in d.payload]
+
+    await wait_until(lambda: _has_n(parked, 2), what="2 dead letters")
+    reasons = sorted(d.reason for d in await parked())
+    assert reasons[0].startswith("key mismatch") and other_project.id in reasons[0]
+    assert reasons[1].startswith("unknown project") and f"proj_typo_{marker}" in reasons[1]
+    for owner in (project, other_project):
+        async with owner.client() as client:
+            count = await wait_for_count(
+                client, 1 if owner is project else 0, params={"metadata.marker": marker}
+            )
+            assert count == (1 if owner is project else 0)
+
+
 async def _has_n(fetch, n: int) -> bool:
     return len(await fetch()) >= n
 

@@ -30,6 +30,8 @@ class KeyRing:
 
     def __init__(self) -> None:
         self._projects_by_hash: dict[str, str] = {}
+        # Every project that has ever had a key: revoking a key does not make its project unknown.
+        self._projects: set[str] = set()
 
     def apply(self, record: CatalogRecord) -> None:
         if record.kind != API_KEY_KIND:
@@ -37,10 +39,15 @@ class KeyRing:
         if record.deleted:
             self._projects_by_hash.pop(record.id, None)
         else:
-            self._projects_by_hash[record.id] = str(record.data["project_id"])
+            self.add(record.id, str(record.data["project_id"]))
 
     def add(self, key_hash: str, project_id: str) -> None:
         self._projects_by_hash[key_hash] = project_id
+        self._projects.add(project_id)
+
+    def knows_project(self, project_id: str) -> bool:
+        """Whether ``project_id`` names a project of this install (one that has had a key)."""
+        return project_id in self._projects
 
     def project_for(self, api_key: str) -> str | None:
         return self._projects_by_hash.get(hash_api_key(api_key))

@@ -82,6 +82,28 @@ class CatalogReader:
         """Returns once every record present at start-up has been applied."""
         await self._caught_up.wait()
 
+    async def sync(self, timeout: float = 5.0) -> bool:
+        """Wait until every record published before this call has been applied (read-your-writes
+        across processes); False if that took longer than ``timeout`` seconds."""
+        if self._consumer is None:
+            return False
+        partitions = list(self._consumer.assignment())
+        try:
+            async with asyncio.timeout(timeout):
+                ends = await self._consumer.end_offsets(partitions)
+                while await self._behind(ends):  # noqa: ASYNC110 (the follow task moves the positions)
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _behind(self, ends: dict[TopicPartition, int]) -> bool:
+        assert self._consumer is not None
+        for tp, end in ends.items():
+            if await self._consumer.position(tp) < end:
+                return True
+        return False
+
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()

@@ -11,7 +11,7 @@ from services.common.kafka import make_producer
 from services.common.secrets import internal_token
 from services.ingest import grpc as log_query
 from services.ingest import store
-from services.ingest.consumers import register_log_writer
+from services.ingest.consumers import KnownProjects, register_log_writer
 from services.ingest.fastpath import ReportEndpoint
 from services.ingest.views import REPORT_MODELS, IngestDeps, router
 
@@ -23,7 +23,9 @@ async def setup(platform: Platform) -> None:
     settings = platform.settings
     ch = ClickHouse(settings.resolved_clickhouse_url())
     await store.create_schema(ch)
-    register_log_writer(platform.broker, ch, settings)
+    register_log_writer(
+        platform.broker, ch, settings, projects=KnownProjects(platform.keyring, platform.catalog)
+    )
     platform.routers.append(router)
     producer = make_producer(settings.kafka_url)
     await producer.start()

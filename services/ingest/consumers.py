@@ -4,7 +4,8 @@ Offsets are committed only after the insert succeeds (FastStream acks a batch wh
 the handler returns). While ClickHouse is down the handler retries with backoff, so
 consumption pauses; past ``log_insert_retry_seconds`` it raises, the batch is nacked
 (nothing committed) and consumed again. Re-delivered logs collapse by log id.
-Messages that can never be written go to ``logs.v1.dlq`` with the reason.
+Messages that can never be written go to ``logs.v1.dlq`` with the reason: invalid events, events
+whose Kafka key is not their ``project_id``, and events for a project that does not exist.
 """
 
 from __future__ import annotations
@@ -12,17 +13,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
+from dataclasses import dataclass
 
 from aiokafka import ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from pydantic import ValidationError
 
+from services.common.auth import KeyRing
+from services.common.catalog import CatalogReader
 from services.common.clickhouse import ClickHouse
 from services.common.events import LOGS_TOPIC, DeadLetter, dlq_topic
 from services.common.settings import Settings
 from services.ingest import store
-from services.ingest.rows import decode_log_event, event_to_row
+from services.ingest.rows import WireLogEvent, decode_log_event, event_to_row
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +47,63 @@ def dead_letter(record: ConsumerRecord, reason: str) -> DeadLetter:
     )
 
 
-def rows_from_records(records: tuple[ConsumerRecord, ...]) -> tuple[list[list], list[DeadLetter]]:
-    rows, dead = [], []
-    now_ms = int(time.time() * 1000)
+def decode_records(
+    records: tuple[ConsumerRecord, ...],
+) -> tuple[list[tuple[ConsumerRecord, WireLogEvent]], list[DeadLetter]]:
+    """Each record as a log event, or a dead letter saying why it is not one.
+
+    The Kafka key must be the event's project (or absent): a producer whose key and body disagree
+    has a bug that must be visible, not a log stored under a guess.
+    """
+    events, dead = [], []
     for record in records:
         try:
-            rows.append(event_to_row(decode_log_event(record.value or b""), now_ms))
+            event = decode_log_event(record.value or b"")
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "message"
             dead.append(dead_letter(record, f"invalid log event: {where}: {first.get('msg')}"))
+            continue
+        key = record.key.decode(errors="replace") if record.key else None
+        if key is not None and key != event.project_id:
+            dead.append(
+                dead_letter(record, f"key mismatch: the Kafka key {key!r} is not the event's project_id")
+            )
+            continue
+        events.append((record, event))
+    return events, dead
+
+
+def rows_from_events(
+    events: list[tuple[ConsumerRecord, WireLogEvent]],
+    unknown_projects: Collection[str] = (),
+) -> tuple[list[list], list[DeadLetter]]:
+    rows, dead = [], []
+    now_ms = int(time.time() * 1000)
+    for record, event in events:
+        if event.project_id in unknown_projects:
+            dead.append(dead_letter(record, f"unknown project: no project has id {event.project_id!r}"))
+            continue
+        try:
+            rows.append(event_to_row(event, now_ms))
         except Exception as exc:  # a payload the row builder cannot handle
             dead.append(dead_letter(record, f"unprocessable log event: {type(exc).__name__}: {exc}"))
     return rows, dead
+
+
+@dataclass(frozen=True)
+class KnownProjects:
+    """Which project ids exist: the keyring, brought up to date from ``catalog.v1`` before an id is
+    declared unknown (a project created a moment ago in another process is not unknown)."""
+
+    keyring: KeyRing
+    catalog: CatalogReader | None = None
+
+    async def unknown(self, project_ids: set[str]) -> set[str]:
+        missing = {p for p in project_ids if not self.keyring.knows_project(p)}
+        if missing and self.catalog is not None and await self.catalog.sync():
+            missing = {p for p in missing if not self.keyring.knows_project(p)}
+        return missing
 
 
 async def insert_with_retry(ch: ClickHouse, rows: list[list], *, give_up_after: float) -> None:
@@ -84,7 +133,10 @@ def register_log_writer(
     *,
     topic: str = LOGS_TOPIC,
     group_id: str = WRITER_GROUP,
+    projects: KnownProjects | None = None,
 ) -> None:
+    """``projects``: when given, events for a project id that does not exist are dead-lettered."""
+
     @broker.subscriber(
         topic,
         batch=True,
@@ -102,7 +154,10 @@ def register_log_writer(
     )
     async def write_logs(msg: KafkaMessage) -> None:
         records: tuple[ConsumerRecord, ...] = msg.raw_message  # type: ignore[assignment]
-        rows, dead = rows_from_records(records)
+        events, dead = decode_records(records)
+        unknown = await projects.unknown({e.project_id for _, e in events}) if projects else set()
+        rows, unwritable = rows_from_events(events, unknown)
+        dead += unwritable
         for letter in dead:
             await broker.publish(
                 letter.model_dump(mode="json"), dlq_topic(topic), key=letter.key and letter.key.encode()
