@@ -23,6 +23,7 @@ ALL_TOPICS = (
     "training.events.v1",
     "eval.requests.v1",
     "eval.events.v1",
+    "judgements.v1",
 )
 
 
@@ -189,3 +190,32 @@ class TrainingEvent(BaseModel):
     artifact_uri: str | None = None
     trained_tokens: int | None = None
     error_code: str | None = None
+
+
+CRITERION_KIND = "criterion"  # catalog.v1 record: id = "<project_id>/<name>", data = every version
+JUDGEMENTS_TOPIC = "judgements.v1"
+
+
+class JudgementEvent(BaseModel):
+    """One stored verdict of a judge model, on ``judgements.v1`` (key: project id).
+
+    Published by the judge (``POST /criteria/judge``, gRPC ``Judge``) and the router (best-of-N);
+    the api stores it once per ``judgement_id``.
+    """
+
+    judgement_id: str
+    project_id: str
+    criterion: str = Field(description="criterion name")
+    criterion_version: int
+    model: str = Field(description="the judge model")
+    source: str = Field("api", description="api | runtime | eval | alignment | preference | ...")
+    status: Literal["success", "error"]
+    score: float = 0.0
+    judgement: Literal["PASS", "FAIL"] | None = None
+    explanation: str = ""
+    error_code: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+    latency_ms: int = 0
+    created_at: int = Field(description="unix ms")

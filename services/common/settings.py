@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     cache_ttl_seconds: int = 7 * 24 * 3600
     cache_max_entries: int = 100_000
 
+    # The judge (criteria): where other services reach its gRPC Judge ("" = this process's gRPC
+    # port), judge-model calls in flight per project (more wait), and attempts per verdict.
+    judge_grpc_url: str = ""
+    judge_project_max_concurrency: int = 64
+    judge_max_attempts: int = 3
+
     # Consumer-group liveness; tests lower it so groups form fast.
     kafka_heartbeat_ms: int = 3000
     kafka_session_timeout_ms: int = 10000
@@ -89,6 +95,9 @@ class Settings(BaseSettings):
 
     def resolved_router_grpc_url(self) -> str:
         return self.router_grpc_url or f"127.0.0.1:{self.grpc_port}"
+
+    def resolved_judge_grpc_url(self) -> str:
+        return self.judge_grpc_url or f"127.0.0.1:{self.grpc_port}"
 
     def resolved_ingest_grpc_url(self) -> str:
         return self.ingest_grpc_url or f"127.0.0.1:{self.grpc_port}"
