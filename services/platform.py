@@ -17,15 +17,17 @@ from typing import Any
 
 import grpc
 import uvicorn
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.common import health, metrics, tracing
 from services.common.auth import KeyRing
 from services.common.blobstore import blob_store_from_url
 from services.common.catalog import CatalogReader
 from services.common.errors import install_error_handlers
 from services.common.http import API_PREFIX, BodySizeLimit
 from services.common.kafka import ensure_topics, make_broker
+from services.common.rpc import StrictRequests
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,9 @@ class Platform:
         self.app = self._build_app()
         # Framework-free handlers for the few hottest routes, by (method, path); see FastRoutes.
         self.fast_routes: dict[tuple[str, str], ASGIApp] = {}
-        self.asgi = FastRoutes(self.app, self.fast_routes)
+        self.fast_routes[("GET", "/metrics")] = metrics.metrics_endpoint
+        routes = FastRoutes(self.app, self.fast_routes)
+        self.asgi = metrics.HttpMetrics(tracing.TraceRequests(routes), self.fast_routes)
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="Distillery", lifespan=self._lifespan)
@@ -63,6 +67,10 @@ class Platform:
         @app.get("/healthz", include_in_schema=False)
         async def healthz() -> dict:
             return {"status": "ok", "services": list(self.services)}
+
+        @app.get("/readyz", include_in_schema=False)
+        async def readyz() -> Response:
+            return await health.readiness(self)
 
         app.add_middleware(BodySizeLimit, max_bytes=self.settings.max_body_bytes)
         return app
@@ -104,7 +112,8 @@ class Platform:
     async def _start_grpc(self) -> None:
         limit = self.settings.max_body_bytes * 4  # a log carries raw and normalized payloads
         self.grpc_server = grpc.aio.server(
-            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+            interceptors=[StrictRequests(max_bytes=self.settings.max_body_bytes)],  # as for HTTP bodies
+            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
         )
         for add in self.grpc_servicers:
             add(self.grpc_server)
@@ -169,5 +178,6 @@ def run(platform: Platform) -> None:
     """Serve the platform on uvloop (measurably faster than the default loop) until it is stopped."""
     import uvloop
 
+    tracing.setup(platform.services[0] if len(platform.services) == 1 else "platform")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(platform))
