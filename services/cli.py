@@ -59,7 +59,11 @@ def up(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     tansu = start_embedded_kafka(settings)
     run_file = settings.data_dir / RUN_FILE
-    run_file.write_text(json.dumps({"kafka_url": settings.kafka_url, "http_port": port, "pid": os.getpid()}))
+    run_file.write_text(
+        json.dumps(
+            {"kafka_url": settings.kafka_url, "http_port": port, "grpc_port": grpc_port, "pid": os.getpid()}
+        )
+    )
     console.print(
         f"[bold green]Distillery[/] on http://{host}:{port}/api/v1 · gRPC {host}:{grpc_port} · "
         f"Kafka {settings.kafka_url} · data in {settings.data_dir}"
@@ -124,6 +128,39 @@ async def _announce(settings: Settings, row: object) -> None:
         console.print("[yellow]platform not reachable: the key becomes active at its next start[/]")
     finally:
         await broker.stop()
+
+
+@app.command()
+def info(
+    data_dir: Path = typer.Option(Path(".distillery"), help="The data dir `distillery up` uses."),
+) -> None:
+    """Where the running platform listens (HTTP, gRPC, Kafka) and the ids of its projects."""
+    from services.api.projects import service as projects
+    from services.common.db import make_engine, make_sessionmaker, migrate
+
+    settings = _settings(data_dir)
+    run_file = settings.data_dir / RUN_FILE
+    if run_file.exists():
+        running = json.loads(run_file.read_text())
+        console.print(f"HTTP   http://{settings.http_host}:{running['http_port']}/api/v1")
+        if running.get("grpc_port"):
+            console.print(f"gRPC   {settings.http_host}:{running['grpc_port']} (plaintext)")
+        console.print(f"Kafka  {running['kafka_url']}  (topic logs.v1, key = project id)")
+    else:
+        console.print(f"[yellow]no platform is running on {settings.data_dir}[/]")
+
+    async def listed() -> list[tuple[str, str]]:
+        url = settings.resolved_database_url()
+        await migrate(url)
+        engine = make_engine(url)
+        try:
+            async with make_sessionmaker(engine)() as session:
+                return [(p.id, p.name) for p in await projects.list_projects(session=session)]
+        finally:
+            await engine.dispose()
+
+    for project_id, name in asyncio.run(listed()):
+        console.print(f"project {name}: {project_id}")
 
 
 @app.command()

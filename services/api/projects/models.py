@@ -38,3 +38,10 @@ class ApiKeyCreated(BaseModel):
     project_id: str
     key: str
     created: str
+
+
+class ProjectInfo(BaseModel):
+    object: str = "project"
+    id: str
+    name: str
+    created: str

@@ -22,6 +22,14 @@ async def get_project_by_name(*, session: AsyncSession, name: str) -> Project | 
     return await session.scalar(select(Project).where(Project.name == name))
 
 
+async def get_project(*, session: AsyncSession, project_id: str) -> Project | None:
+    return await session.get(Project, project_id)
+
+
+async def list_projects(*, session: AsyncSession) -> list[Project]:
+    return list(await session.scalars(select(Project).order_by(Project.created_at)))
+
+
 async def create_project(*, session: AsyncSession, name: str) -> Project:
     project = Project(id=_new_id("proj"), name=name, created_at=datetime.now(UTC))
     session.add(project)
