@@ -1,6 +1,9 @@
 """Publish request logs straight to Kafka, as an internal service would (no HTTP hop).
 
-    python examples/publish_logs.py --kafka localhost:9092 --project proj_123 --count 100
+    distillery info        # prints the broker address and your project id
+    python examples/publish_logs.py --kafka 127.0.0.1:<port> --project proj_123 --count 100
+
+Without ``--kafka`` the broker of a ``distillery up`` on ``.distillery`` is used (its run.json).
 
 Plain aiokafka and JSON: a producer needs no Distillery code. The event schema is in
 docs/log-events.md. Keep ``log_id`` stable for a given call: re-sending the same id
@@ -60,9 +63,19 @@ async def publish(kafka_url: str, events: list[dict]) -> None:
         await producer.stop()
 
 
+def running_broker(data_dir: str) -> str:
+    """The Kafka address `distillery up` recorded in its data dir (it picks a free port)."""
+    run_file = os.path.join(data_dir, "run.json")
+    if not os.path.exists(run_file):
+        raise SystemExit(f"no platform is running on {data_dir}: pass --kafka host:port")
+    with open(run_file) as f:
+        return json.load(f)["kafka_url"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kafka", default="localhost:9092")
+    parser.add_argument("--kafka", default=None, help="bootstrap servers (default: the running platform's)")
+    parser.add_argument("--data-dir", default=".distillery", help="data dir of `distillery up`")
     parser.add_argument("--project", required=True, help="project id (see `distillery keys create`)")
     parser.add_argument("--count", type=int, default=10)
     args = parser.parse_args()
@@ -80,7 +93,7 @@ def main() -> None:
         log_event(args.project, request, response, latency_ms=350, metadata={"source": "example"})
         for _ in range(args.count)
     ]
-    asyncio.run(publish(args.kafka, events))
+    asyncio.run(publish(args.kafka or running_broker(args.data_dir), events))
     print(f"published {len(events)} log events to {TOPIC}")
 
 
