@@ -81,6 +81,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """The error envelope for every failure, one JSON policy for every body, and the OpenAPI
+    document also under the API prefix (where SDK users look for it)."""
+    from services.common.http import API_PREFIX, JsonBodies  # http builds on this module
+
+    app.add_middleware(JsonBodies)
+
+    @app.get(API_PREFIX + "/openapi.json", include_in_schema=False)
+    async def _openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)

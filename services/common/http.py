@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from typing import Any
 
 import orjson
+from pydantic_core import from_json
 from starlette.applications import Starlette
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.errors import APIError, error_body
+from services.common.errors import APIError, bad_request, error_body
 
 API_PREFIX = "/api/v1"
 # Bodies refused by Content-Length are read and discarded up to this size before the 413;
@@ -144,3 +148,151 @@ async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes =
 async def send_error(send: Send, exc: APIError) -> None:
     body = error_body(exc.status_code, exc.message, type=exc.type, param=exc.param, code=exc.code)
     await send_bytes(send, exc.status_code, orjson.dumps(body))
+
+
+# --- one JSON policy for every request body ------------------------------------------------------
+#
+# Every route (FastAPI or framework-free) reads JSON through ``loads_json``: UTF-8 only (a leading
+# UTF-8 byte-order mark is ignored, UTF-16/32 bodies are refused), no NaN/Infinity, no number that
+# does not fit the stores (integers within 64 bits, finite floats) and no lone UTF-16 surrogate in
+# a string. A refusal is a 400 naming the offending field as ``a.0.b`` (the pydantic style).
+
+UTF8_BOM = b"\xef\xbb\xbf"
+MIN_JSON_INT = -(2**63)
+MAX_JSON_INT = 2**64 - 1
+JSON_POLICY = (
+    "JSON bodies must be UTF-8 (a leading byte-order mark is ignored); numbers must be finite "
+    "(no NaN or Infinity) and integers fit in 64 bits; strings must be valid Unicode."
+)
+
+
+def loads_json(body: bytes) -> Any:
+    """Parse a request body under the platform's JSON policy; a 400 naming the field otherwise."""
+    if body.startswith(UTF8_BOM):
+        body = body[len(UTF8_BOM) :]
+    try:
+        value = from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise _diagnose(body, str(exc)) from None
+    if not _representable(value):
+        raise _diagnose(body, "")
+    return value
+
+
+def _representable(value: Any) -> bool:
+    """Fast check of a parsed body: every int within 64 bits, every float finite."""
+    kind = type(value)
+    if kind is dict:
+        return all(map(_representable, value.values()))
+    if kind is list:
+        return all(map(_representable, value))
+    if kind is int:
+        return MIN_JSON_INT <= value <= MAX_JSON_INT
+    if kind is float:
+        return value - value == 0.0  # false for inf and nan
+    return True
+
+
+def _diagnose(body: bytes, parser_message: str) -> APIError:
+    """Why a body broke the policy, and where: parsed again leniently to find the field."""
+    if body[:4].count(0) or body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return bad_request(
+            "Request body must be UTF-8 encoded JSON (UTF-16/UTF-32 is not accepted).",
+            param="body",
+            code="invalid_json",
+        )
+    try:
+        lenient = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        reason = parser_message or "malformed JSON"
+        return bad_request(f"Request body is not valid JSON: {reason}", param="body", code="invalid_json")
+    found = _first_problem(lenient, ())
+    if found is None:  # the lenient parser disagrees (say, on an unusual escape): report the strict one
+        reason = parser_message or "malformed JSON"
+        return bad_request(f"Request body is not valid JSON: {reason}", param="body", code="invalid_json")
+    path, problem = found
+    field = ".".join(str(p) for p in path) or "body"
+    return bad_request(
+        f"Invalid JSON value at {field}: {problem}. {JSON_POLICY}", param=field, code="invalid_json"
+    )
+
+
+def _first_problem(value: Any, path: tuple) -> tuple[tuple, str] | None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _has_lone_surrogate(key):
+                return (*path, ascii(key)[1:-1]), "a key holds a lone UTF-16 surrogate"
+            found = _first_problem(item, (*path, key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _first_problem(item, (*path, index))
+            if found:
+                return found
+    elif isinstance(value, bool):
+        return None
+    elif isinstance(value, int) and not MIN_JSON_INT <= value <= MAX_JSON_INT:
+        return path, "integer outside the 64-bit range"
+    elif isinstance(value, float) and not math.isfinite(value):
+        return path, "number is not finite (NaN, Infinity or beyond the float range)"
+    elif isinstance(value, str) and _has_lone_surrogate(value):
+        return path, "string holds a lone UTF-16 surrogate (not valid Unicode)"
+    return None
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _json_content(scope: Scope) -> bool:
+    """Whether FastAPI or a view would read this body as JSON (not a form or a file upload)."""
+    value = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+    return not value.startswith((b"multipart/", b"application/x-www-form-urlencoded", b"application/octet"))
+
+
+class JsonBodies:
+    """Applies ``loads_json`` to every JSON request body before FastAPI's own (lenient) parser sees it.
+
+    A refused body gets the 400 here; an accepted one is passed on unchanged (less a UTF-8 BOM).
+    Streamed-body routes (uploads) are skipped: they parse line by line with ``loads_json``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in ("POST", "PUT", "PATCH", "DELETE")
+            or not _json_content(scope)
+            or BodySizeLimit._exempt(scope)
+        ):
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await read_body(receive)
+        except APIError:
+            return  # the client is gone
+        if body.strip():
+            try:
+                loads_json(body)
+            except APIError as exc:
+                await send_error(send, exc)
+                return
+            if body.startswith(UTF8_BOM):
+                body = body[len(UTF8_BOM) :]
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)

@@ -10,7 +10,7 @@ import orjson
 
 from services.common.clickhouse import ClickHouse
 from services.common.errors import bad_request
-from services.common.events import LogEvent
+from services.common.events import MAX_UNIX_MS, LogEvent
 from services.common.log_fields import merge_metadata, new_log_id, stringify
 from services.ingest import store
 from services.ingest.models import AnthropicReportRequest, LogFilter, ReportRequest, RequestLog, Usage
@@ -67,11 +67,15 @@ def _int_param(params: Mapping[str, str], name: str) -> int | None:
     if raw is None:
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_UNIX_MS:
         raise bad_request(
-            f"{name} must be an integer (unix milliseconds), got {raw!r}.", param=name
-        ) from None
+            f"{name} must be an integer between 0 and {MAX_UNIX_MS} (unix milliseconds), got {raw!r}.",
+            param=name,
+        )
+    return value
 
 
 def filters_from_query(params: Mapping[str, str], *, allowed_extra: tuple[str, ...] = ()) -> LogFilters:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from services.common.auth import require_project
 from services.common.errors import bad_request, invalid_input
+from services.common.http import loads_json
 from services.router.cache import cache_key
 from services.router.protocol import DISABLED_CACHE, ChatCompletionRequest, OpenPipeOptions
 from services.router.service import CallOptions, ChatService
@@ -27,10 +28,7 @@ async def chat_service(request: Request) -> ChatService:
 
 
 async def _json_body(request: Request) -> Any:
-    try:
-        return orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    return loads_json(await request.body())
 
 
 def cache_mode(value: str | bool | None, source: str) -> str | None:
@@ -81,10 +79,7 @@ def call_options(headers: Mapping[str, str], body: ChatCompletionRequest) -> Cal
 
 def parse_chat_request(payload: bytes) -> tuple[dict, ChatCompletionRequest]:
     """The client's JSON as sent (forwarded as is) and its validated form."""
-    try:
-        raw = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    raw = loads_json(payload)
     if not isinstance(raw, dict):
         raise bad_request("Request body must be a JSON object.")
     try:

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from services.common.events import MAX_UNIX_MS
+
 JOB_KIND = "import_logs"
 SOURCE = "request_log"
 
@@ -25,8 +27,8 @@ class ImportFilters(BaseModel):
     model: str | None = None
     completionId: str | None = None
     status: Literal["success", "error", "pending"] | None = None
-    requestedAfter: int | None = Field(default=None, description="unix ms, inclusive")
-    requestedBefore: int | None = Field(default=None, description="unix ms, exclusive")
+    requestedAfter: int | None = Field(default=None, ge=0, le=MAX_UNIX_MS, description="unix ms, inclusive")
+    requestedBefore: int | None = Field(default=None, ge=0, le=MAX_UNIX_MS, description="unix ms, exclusive")
     requestContains: str | None = Field(default=None, min_length=1)
     responseNotContains: str | None = Field(default=None, min_length=1)
     metadata: dict[MetadataKey, str] = Field(default_factory=dict, description="every pair must match")
@@ -38,4 +40,6 @@ class ImportLogsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     filters: ImportFilters = Field(default_factory=ImportFilters)
-    limit: int | None = Field(default=None, ge=1, description="at most this many logs; absent: all")
+    limit: int | None = Field(
+        default=None, ge=1, le=2**32 - 1, description="at most this many logs; absent: all"
+    )

@@ -22,6 +22,7 @@ PROVIDER_TYPES = ("openai", "azure")
 SLUG_PATTERN = r"^[a-z0-9-]+$"
 # Upstream model names as providers spell them: ``gpt-4o-2024-08-06``, ``deepseek-ai/DeepSeek-V3``.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$"
+MAX_INT32 = 2**31 - 1  # catalog integer columns are 32-bit on Postgres
 
 
 # --- tables ----------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ class ExternalModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     slug: ModelName
-    contextWindow: int | None = Field(default=None, gt=0)
+    contextWindow: int | None = Field(default=None, gt=0, le=MAX_INT32)
     inputPricePerMillion: Price | None = None
     outputPricePerMillion: Price | None = None
 

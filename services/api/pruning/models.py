@@ -29,7 +29,7 @@ class PruningRuleCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: RuleText
-    position: int | None = Field(default=None, ge=0)
+    position: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
 
 class PruningRuleUpdate(BaseModel):
@@ -38,7 +38,7 @@ class PruningRuleUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: RuleText | None = None
-    position: int | None = Field(default=None, ge=0)
+    position: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
     @field_validator("text", "position", mode="before")
     @classmethod
