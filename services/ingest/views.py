@@ -17,6 +17,7 @@ from services.common.auth import require_project
 from services.common.clickhouse import ClickHouse
 from services.common.errors import APIError, bad_request, invalid_input, not_found, unavailable
 from services.common.events import LOGS_TOPIC, LogEvent
+from services.common.http import loads_json
 from services.common.log_fields import stringify
 from services.ingest import service, store
 from services.ingest.models import (
@@ -81,15 +82,11 @@ REPORT_MODELS: dict[str, tuple[type[ReportRequest], str]] = {
 
 
 def parse_report(raw: bytes, model: type[ReportRequest]) -> ReportRequest:
-    """Raw bytes to a validated body in one step (pydantic's JSON parser)."""
+    """Raw bytes to a validated body, under the platform's JSON policy (``loads_json``)."""
     try:
-        return model.model_validate_json(raw)
+        return model.model_validate(loads_json(raw))
     except ValidationError as exc:
-        errors = exc.errors()
-        if errors and errors[0].get("type") == "json_invalid":
-            message = f"Request body is not valid JSON: {errors[0].get('msg')}"
-            raise bad_request(message, param="body") from None
-        raise invalid_input(errors) from None
+        raise invalid_input(exc.errors()) from None
 
 
 async def record_report(d: IngestDeps, route: str, raw: bytes, project_id: str) -> None:
