@@ -1,0 +1,403 @@
+"""One base model, many LoRA adapters, continuous (dynamic) batching on one decoding thread.
+
+Every step the engine thread (1) admits waiting sequences: prefills them together (left-padded)
+and merges their KV cache into the running batch, and (2) decodes one token for every running
+sequence in a single forward pass — rows on different adapters included, through peft's
+mixed-adapter batches. A sequence that finishes leaves the batch at once; one that arrives joins at
+the next step, so concurrent requests share every forward pass instead of waiting in line.
+
+The async side (``submit``) gets ``Delta`` events on an ``asyncio.Queue`` per sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    # Text that must not be streamed until the sequence ends (tool-call markup).
+    hold_after: str | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text for one sequence; ``finish_reason`` set on its last event; ``error`` if it failed."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+Emit = Callable[[Delta], None]
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    adapter: str | None  # internal adapter name, None for the base
+    params: SamplingParams
+    emit: Emit
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the decoded output already emitted
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class EngineError(Exception):
+    pass
+
+
+class Engine:
+    """Serves one base model and the LoRA adapters loaded onto it."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch: int = 16,
+        max_adapters: int = 8,
+        context_window: int | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_adapters = max_adapters
+        self.context_window = context_window or int(
+            getattr(model.config, "max_position_embeddings", 0) or 2048
+        )
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.peft: Any = None  # the PeftModel once a first adapter is loaded
+        self.adapters: OrderedDict[str, Path] = OrderedDict()  # loaded, least recently used first
+        self._adapter_paths: dict[str, Path] = {}
+        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._waiting: list[Sequence] = []
+        self._rows: list[Sequence] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._stopped = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="serving-engine", daemon=True)
+        self._thread.start()
+
+    # --- the async side ------------------------------------------------------------------------
+
+    def submit(self, sequence: Sequence) -> None:
+        self._inbox.put(sequence)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def count_tokens(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    # --- adapters (engine thread only) ---------------------------------------------------------
+
+    def _ensure_adapter(self, name: str, path: Path) -> bool:
+        """Load ``name`` (evicting the least recently used idle one at capacity); False: wait."""
+        if name in self.adapters:
+            self.adapters.move_to_end(name)
+            return True
+        if len(self.adapters) >= self.max_adapters:
+            busy = {row.adapter for row in self._rows}
+            idle = next((n for n in self.adapters if n not in busy), None)
+            if idle is None:
+                return False
+            self._evict(idle)
+        if self.peft is None:
+            from peft import PeftModel
+
+            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
+        else:
+            self.peft.load_adapter(str(path), adapter_name=name)
+            self.peft.eval()
+        self.adapters[name] = path
+        log.info("adapter %s loaded (%d on this base)", name, len(self.adapters))
+        return True
+
+    def _evict(self, name: str) -> None:
+        self.adapters.pop(name, None)
+        if self.peft is not None and name in self.peft.peft_config:
+            if len(self.peft.peft_config) == 1:
+                # peft keeps at least one adapter: unwrap the base and start over.
+                self.model = self.peft.unload()
+                self.peft = None
+            else:
+                self.peft.delete_adapter(name)
+        log.info("adapter %s evicted (least recently used)", name)
+
+    # --- the decoding loop ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopped:
+            try:
+                self._drain_inbox(block=not self._rows and not self._waiting)
+                self._drop_cancelled()
+                admitted = self._admit()
+                if admitted:
+                    self._prefill(admitted)
+                if self._rows:
+                    self._decode()
+            except Exception as exc:  # a failed step fails its sequences, never the server
+                log.exception("engine step failed")
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _drain_inbox(self, *, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            self._waiting.append(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _drop_cancelled(self) -> None:
+        if any(row.cancelled for row in self._rows):
+            self._keep([i for i, row in enumerate(self._rows) if not row.cancelled])
+
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        still: list[Sequence] = []
+        for seq in self._waiting:
+            if seq.cancelled:
+                continue
+            if len(self._rows) + len(admitted) >= self.max_batch:
+                still.append(seq)
+                continue
+            adapter = seq.adapter
+            if adapter is not None and not self._ensure_adapter(adapter, self._adapter_paths[adapter]):
+                still.append(seq)
+                continue
+            admitted.append(seq)
+        self._waiting = still
+        return admitted
+
+    def register_adapter(self, name: str, path: Path) -> None:
+        """Where to load ``name`` from when a sequence first needs it (a local adapter folder)."""
+        self._adapter_paths[name] = path
+
+    def _forward(self, rows: list[Sequence], **inputs: Any) -> torch.Tensor:
+        adapters = [row.adapter or BASE for row in rows]
+        model = self.model
+        extra: dict[str, Any] = {}
+        if self.peft is not None:
+            model = self.peft
+            extra["adapter_names"] = adapters
+        with torch.inference_mode():
+            out = model(**inputs, use_cache=True, logits_to_keep=1, **extra)
+        return out.logits[:, -1, :]
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        from transformers import DynamicCache
+
+        width = max(len(s.prompt_ids) for s in seqs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(
+            seqs, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
+        )
+        self._merge(seqs, cache, mask, torch.tensor([len(s.prompt_ids) for s in seqs]))
+        self._sample_and_emit(seqs, logits)
+
+    def _merge(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        if self._cache is None or not self._rows:
+            self._rows, self._cache, self._mask, self._positions = list(seqs), cache, mask, positions
+            return
+        assert self._mask is not None and self._positions is not None
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+            old_layer.keys = torch.cat([_left_pad(old_layer.keys, width), _left_pad(new_layer.keys, width)])
+            old_layer.values = torch.cat(
+                [_left_pad(old_layer.values, width), _left_pad(new_layer.values, width)]
+            )
+        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)])
+        self._positions = torch.cat([self._positions, positions])
+        self._rows = self._rows + list(seqs)
+
+    def _decode(self) -> None:
+        assert self._mask is not None and self._positions is not None
+        rows = self._rows
+        ids = torch.tensor([[row.output_ids[-1]] for row in rows])
+        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)
+        logits = self._forward(
+            rows,
+            input_ids=ids,
+            attention_mask=self._mask,
+            position_ids=self._positions[:, None],
+            past_key_values=self._cache,
+        )
+        self._positions = self._positions + 1
+        self.steps += 1
+        self._sample_and_emit(rows, logits)
+        self._keep([i for i, row in enumerate(self._rows) if not row.done and not row.cancelled])
+
+    def _keep(self, keep: list[int]) -> None:
+        """Drop finished rows from the batch, and cache columns that only padding uses."""
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask, self._positions = [], None, None, None
+            return
+        assert self._mask is not None and self._positions is not None
+        index = torch.tensor(keep)
+        mask = self._mask.index_select(0, index)
+        start = int((mask.cumsum(-1) == 0).sum(-1).min())  # leading columns no row uses
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._mask = mask[:, start:]
+        self._positions = self._positions.index_select(0, index)
+        self._rows = [self._rows[i] for i in keep]
+
+    # --- sampling and output -------------------------------------------------------------------
+
+    def _sample_and_emit(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        logits = logits.float()
+        for row, row_logits in zip(rows, logits, strict=True):
+            if row.done or row.cancelled:
+                continue
+            token = _sample(row_logits, row.params, row.generator)
+            row.output_ids.append(token)
+            self._emit_progress(row, token)
+
+    def _emit_progress(self, row: Sequence, token: int) -> None:
+        finish: str | None = None
+        ids = row.output_ids
+        if token in self.eos_ids:
+            finish, ids = "stop", ids[:-1]
+        elif len(row.output_ids) >= row.params.max_tokens or row.length >= self.context_window:
+            finish = "length"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in row.params.stop:
+            at = text.find(stop)
+            if at != -1:
+                text, finish = text[:at], "stop"
+        if finish is None:
+            safe = _streamable(text, row.params)
+            if safe > row.sent:
+                row.emit(Delta(text=text[row.sent : safe], completion_tokens=len(row.output_ids)))
+                row.sent = safe
+            return
+        row.done = True
+        row.emit(Delta(text=text[row.sent :], finish_reason=finish, completion_tokens=len(row.output_ids)))
+
+    def _fail_all(self, message: str) -> None:
+        for row in self._rows + self._waiting:
+            if not row.done:
+                row.done = True
+                row.emit(Delta(error=message))
+        self._rows, self._waiting, self._cache, self._mask, self._positions = [], [], None, None, None
+
+
+def _streamable(text: str, params: SamplingParams) -> int:
+    """How much of ``text`` can be sent now: not a partial character, stop string or held markup."""
+    end = len(text)
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
+        end = len(text.rstrip("\ufffd"))
+    markers = list(params.stop) + ([params.hold_after] if params.hold_after else [])
+    if params.hold_after and params.hold_after in text:
+        end = min(end, text.index(params.hold_after))
+    for marker in markers:
+        for size in range(min(len(marker) - 1, end), 0, -1):
+            if text[:end].endswith(marker[:size]):
+                end -= size
+                break
+    return max(end, 0)
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        sorted_probs[(cumulative - sorted_probs) > params.top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - tensor.shape[-2]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[-2] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=-2)
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    if missing <= 0:
+        return mask
+    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+async def collect(queue_: asyncio.Queue[Delta]) -> tuple[str, str, int]:
+    """Wait for a sequence to end: its whole text, finish reason and completion tokens."""
+    parts: list[str] = []
+    while True:
+        delta = await queue_.get()
+        if delta.error:
+            raise EngineError(delta.error)
+        parts.append(delta.text)
+        if delta.finish_reason:
+            return "".join(parts), delta.finish_reason, delta.completion_tokens
+
+
+def threadsafe_emitter(loop: asyncio.AbstractEventLoop, queue_: asyncio.Queue[Delta]) -> Emit:
+    return lambda delta: loop.call_soon_threadsafe(queue_.put_nowait, delta)
+
+
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000

@@ -1,0 +1,116 @@
+"""A tiny chat model built offline (random init from a config + a byte-level BPE tokenizer), and a
+LoRA adapter trained on it for real in seconds: what the serving tests and weights-export tests use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The capital of France is Paris. The capital of Sweden is Stockholm. Hello, how can I help you today?",
+    'get_weather {"city": "Paris"} <tool_call> </tool_call> <tool_response> </tool_response>',
+    "<tools> </tools>",
+    "system user assistant You may call one or more functions to assist with the user query.",
+    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"(){}[]<>/\\-_=+*&^%$#@~`|",
+]
+
+
+def build_tokenizer(path: Path) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_model(path: Path, *, context_window: int = 1024, seed: int = 0) -> Path:
+    """A 2-layer Qwen2-style chat model saved in HF format under ``path``."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(path)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context_window,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.4,  # large enough that a LoRA alone can move the logits of a random model
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    return path
+
+
+def train_adapter(
+    base_dir: Path, out_dir: Path, examples: list[dict[str, Any]], *, steps: int = 30, rank: int = 8
+) -> Path:
+    """Fit a LoRA adapter on ``examples`` (OpenAI-shaped entries) so the model answers them; seconds."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.serving.chat_format import template_messages
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    rows = []
+    for example in examples:
+        messages = template_messages(example["messages"], example.get("tools"))
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = prompt + messages[-1]["content"] + "<|im_end|>"
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        labels = [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
+        rows.append((torch.tensor([ids]), torch.tensor([labels])))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(steps):
+        ids, labels = rows[step % len(rows)]
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    config_path = out_dir / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text())
+    adapter_config["base_model_name_or_path"] = "distillery/tiny-chat"
+    config_path.write_text(json.dumps(adapter_config, indent=2))
+    return out_dir
