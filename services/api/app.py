@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from services.api.dataset_files.views import UPLOAD_PATH
 from services.api.dataset_files.views import router as dataset_files_router
 from services.api.datasets.views import router as datasets_router
+from services.api.evals.wiring import setup_evals
 from services.api.log_imports.service import LogImporter, default_workers
 from services.api.log_imports.views import router as log_imports_router
 from services.api.projects import service as projects
@@ -59,6 +60,7 @@ async def setup(platform: Platform) -> None:
     platform.routers.append(pruning_router)
     platform.routers.append(relabel_router)
     register_results_consumer(platform.broker, sessions, settings)
+    setup_evals(platform)  # graders and evals routes, eval.events.v1 consumer
     # JSONL upload, export and snapshots go through the blob store (file:// or S3).
     platform.state["blobs"] = platform.blobs
     platform.state["settings"] = settings

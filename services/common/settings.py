@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     judge_project_max_concurrency: int = 64
     judge_max_attempts: int = 3
 
+    # Evals: model calls one eval worker keeps in flight; the embeddings model of the cosine grader;
+    # code graders' per-row wall-clock limit; how the grader sandbox is cut off from the network
+    # ("namespace": an empty network namespace, refused where the host cannot make one; "policy":
+    # the platform does it, e.g. a Kubernetes NetworkPolicy denying the eval pods all egress).
+    eval_concurrency: int = 16
+    eval_embedding_model: str = "text-embedding-3-large"
+    eval_row_timeout_seconds: float = 5.0
+    eval_sandbox_network: str = "namespace"
+
     # Consumer-group liveness; tests lower it so groups form fast.
     kafka_heartbeat_ms: int = 3000
     kafka_session_timeout_ms: int = 10000
@@ -106,6 +115,18 @@ class Settings(BaseSettings):
     trainer_k8s_model_store_claim: str = ""  # a PersistentVolumeClaim mounted as the model cache
     trainer_k8s_env_secret: str = ""  # a Secret with DISTILLERY_* (blob and Kafka URLs) for the pod
     trainer_k8s_poll_seconds: float = 5.0
+
+    # The embedded profile of ``distillery up`` (ignored when DISTILLERY_KAFKA_URL is set). "s3":
+    # Tansu stores every acknowledged message and committed offset in an embedded SeaweedFS under
+    # ``<data_dir>/s3`` before answering (survives kill -9); "memory": faster, loses everything
+    # unwritten on any stop. See README "Durability".
+    embedded_kafka_storage: str = "s3"
+    # "file": blobs in ``<data_dir>/blobs``; "s3": in the embedded SeaweedFS (the same minio code
+    # path as production). Ignored when DISTILLERY_BLOB_URL is set.
+    embedded_blob_store: str = "file"
+    # SIGINT/SIGTERM: requests in flight and every consumer's batch in hand get this long to
+    # finish; past it (plus 5 s) the process exits anyway.
+    shutdown_timeout_seconds: float = 20.0
 
     def resolved_clickhouse_url(self) -> str:
         return self.clickhouse_url or f"chdb://{(self.data_dir / 'clickhouse').resolve()}"

@@ -11,6 +11,8 @@ from services.router import grpc as inference
 from services.router.cache import make_cache
 from services.router.capture import LogShipper
 from services.router.catalog import RouterCatalog
+from services.router.criteria import setup_best_of_n
+from services.router.embeddings import setup_embeddings
 from services.router.fastpath import ChatCompletionsEndpoint
 from services.router.routing import Router
 from services.router.service import ChatService
@@ -44,6 +46,7 @@ async def setup(platform: Platform) -> None:
         max_concurrency=settings.project_max_concurrency,
     )
     platform.state["chat"] = chat
+    setup_best_of_n(platform, chat)  # op-criteria: judge every choice, sort by score
     platform.routers.append(router)
     endpoint = ChatCompletionsEndpoint(keyring=platform.keyring, chat=chat)
     platform.fast_routes[("POST", f"{API_PREFIX}/chat/completions")] = BodySizeLimit(
@@ -57,6 +60,7 @@ async def setup(platform: Platform) -> None:
             internal_token=internal_token(settings),
         )
     )
+    setup_embeddings(platform, chat, internal_token(settings))  # POST /embeddings, gRPC Embeddings
 
     async def start() -> None:
         shipper.start()
