@@ -21,6 +21,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from pydantic import ValidationError
 
+from services.common import metrics, tracing
 from services.common.auth import KeyRing
 from services.common.catalog import CatalogReader
 from services.common.clickhouse import ClickHouse
@@ -162,6 +163,7 @@ def register_log_writer(
             await broker.publish(
                 letter.model_dump(mode="json"), dlq_topic(topic), key=letter.key and letter.key.encode()
             )
+            metrics.INGEST_DLQ.labels(dlq_topic(topic)).inc()
             log.error(
                 "log event at %s/%d@%d sent to DLQ: %s",
                 letter.topic,
@@ -170,4 +172,8 @@ def register_log_writer(
                 letter.reason,
             )
         if rows:
-            await insert_with_retry(ch, rows, give_up_after=settings.log_insert_retry_seconds)
+            with tracing.consumed_batch(f"{topic} write", records, **{"db.system": "clickhouse"}):
+                await insert_with_retry(ch, rows, give_up_after=settings.log_insert_retry_seconds)
+            metrics.INGEST_WRITTEN.inc(len(rows))
+            metrics.observe_end_to_end_lag(record.timestamp for record in records)
+        metrics.observe_consumer_lag(msg.consumer, records, group_id)

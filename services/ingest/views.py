@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
+from services.common import metrics, tracing
 from services.common.auth import require_project
 from services.common.clickhouse import ClickHouse
 from services.common.errors import APIError, bad_request, invalid_input, not_found, unavailable
@@ -55,7 +56,10 @@ async def publish_event(d: IngestDeps, event: LogEvent) -> None:
     try:
         async with asyncio.timeout(d.publish_timeout):
             await d.producer.send_and_wait(
-                LOGS_TOPIC, event.model_dump_json().encode(), key=event.project_id.encode()
+                LOGS_TOPIC,
+                event.model_dump_json().encode(),
+                key=event.project_id.encode(),
+                headers=tracing.kafka_headers(),
             )
     except Exception as exc:
         log.warning("publishing log %s failed: %s", event.log_id, type(exc).__name__)
@@ -96,6 +100,7 @@ async def record_report(d: IngestDeps, route: str, raw: bytes, project_id: str) 
     await publish_event(
         d, service.report_to_event(parse_report(raw, model), project_id=project_id, source=source)
     )
+    metrics.INGEST_ACCEPTED.labels(route).inc()
 
 
 def _report_body(model: type[ReportRequest]) -> dict:

@@ -12,6 +12,7 @@ import logging
 
 from faststream.kafka import KafkaBroker
 
+from services.common import tracing
 from services.common.events import LOGS_TOPIC, LogEvent
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ class LogShipper:
     def __init__(self, broker: KafkaBroker, *, max_in_flight: int = 256, max_queued: int = 200_000) -> None:
         self.broker = broker
         self.max_in_flight = max_in_flight
-        self._queue: asyncio.Queue[LogEvent] = asyncio.Queue(maxsize=max_queued)
+        self._queue: asyncio.Queue[tuple[LogEvent, dict[str, str]]] = asyncio.Queue(maxsize=max_queued)
         self._task: asyncio.Task | None = None
         self.dropped = 0
 
@@ -30,7 +31,7 @@ class LogShipper:
 
     def ship(self, event: LogEvent) -> None:
         try:
-            self._queue.put_nowait(event)
+            self._queue.put_nowait((event, tracing.message_headers()))
         except asyncio.QueueFull:
             self.dropped += 1
             log.error("log queue full (%d events): dropped log %s", self._queue.maxsize, event.log_id)
@@ -44,18 +45,18 @@ class LogShipper:
             slots.release()
 
         while True:
-            event = await self._queue.get()
+            event, headers = await self._queue.get()
             await slots.acquire()
-            task = asyncio.create_task(self._publish(event))
+            task = asyncio.create_task(self._publish(event, headers))
             in_flight.add(task)
             task.add_done_callback(done)
 
-    async def _publish(self, event: LogEvent) -> None:
+    async def _publish(self, event: LogEvent, headers: dict[str, str]) -> None:
         delay = 0.2
         while True:
             try:
                 await self.broker.publish(
-                    event.model_dump(mode="json"), LOGS_TOPIC, key=event.project_id.encode()
+                    event.model_dump(mode="json"), LOGS_TOPIC, key=event.project_id.encode(), headers=headers
                 )
                 self._queue.task_done()
                 return

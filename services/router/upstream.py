@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from services.common import metrics
 from services.common.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,9 @@ class Upstream:
         attempt = 0
         while True:
             attempt += 1
+            if attempt > 1:
+                metrics.ROUTER_RETRIES.labels(provider).inc()
+            sent = time.perf_counter()
             try:
                 response = await session.post(
                     url, data=content, headers=request_headers, timeout=self._timeout(timeout)
@@ -216,6 +220,7 @@ class Upstream:
                 raise UpstreamError(
                     502, f"cannot reach {provider}: {type(exc).__name__}", code="upstream_unreachable"
                 ) from None
+            metrics.observe_upstream(provider, response.status, time.perf_counter() - sent)
             if response.status < 400:
                 break
             failed = Failed(response.status, dict(response.headers), await response.read())
