@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common import metrics
 from services.common.errors import APIError
 from services.common.events import LogEvent
 from services.common.log_fields import merge_metadata, new_log_id
@@ -185,6 +186,7 @@ class ChatService:
             if fallback is None:
                 raise
             outcome.notes.update({"$fallback.from": raw["model"], "$fallback.reason": exc.message[:300]})
+            metrics.ROUTER_FALLBACKS.labels(metrics.model_label(raw["model"]), fallback.model[:100]).inc()
             return await self._call(project_id, {**raw, "model": fallback.model}, outcome, timeout=None)
 
     async def _call(
@@ -300,6 +302,7 @@ class ChatService:
             if fallback is None:
                 raise
             outcome.notes.update({"$fallback.from": raw["model"], "$fallback.reason": exc.message[:300]})
+            metrics.ROUTER_FALLBACKS.labels(metrics.model_label(raw["model"]), fallback.model[:100]).inc()
             return await self._open(
                 stack, project_id, {**raw, "model": fallback.model}, outcome, timeout=None
             )
@@ -357,6 +360,8 @@ class ChatService:
     def _log(
         self, project_id: str, raw: dict[str, Any], options: CallOptions, requested_at: int, outcome: Outcome
     ) -> None:
+        hit = outcome.cache_hit if options.reads_cache else None
+        metrics.observe_completion(raw.get("model"), outcome.completion, outcome.route, cache_hit=hit)
         if not options.log_request or self.shipper is None:
             return
         error = outcome.error
