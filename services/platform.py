@@ -112,7 +112,8 @@ class Platform:
     async def _start_grpc(self) -> None:
         limit = self.settings.max_body_bytes * 4  # a log carries raw and normalized payloads
         self.grpc_server = grpc.aio.server(
-            interceptors=[StrictRequests(max_bytes=self.settings.max_body_bytes)],  # as for HTTP bodies
+            # Body limit as for HTTP; the caller's trace context continues from the call metadata.
+            interceptors=[StrictRequests(max_bytes=self.settings.max_body_bytes), tracing.ServerTracing()],
             options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
         )
         for add in self.grpc_servicers:
