@@ -92,14 +92,20 @@ JUDGE_JUDGEMENTS = Counter("distillery_judge_judgements", "Judgements made, by o
 UNMATCHED = "<unmatched>"
 
 
+def route_template(scope: Scope) -> str | None:
+    """The route template a request matched, API prefix included, or None.
+
+    FastAPI 0.16x keeps an included router's routes unprefixed and records the full template in its
+    effective route context; older versions put the prefixed route in ``scope["route"]``.
+    """
+    context = (scope.get("fastapi") or {}).get("effective_route_context")
+    template = getattr(context, "path_format", None) or getattr(scope.get("route"), "path", None)
+    return scope.get("root_path", "") + template if template else None
+
+
 def route_label(scope: Scope) -> str:
-    """The route template a request matched (FastAPI sets ``scope["route"]``), else the fast route's
-    exact path, else ``<unmatched>``."""
-    route = scope.get("route")
-    template = getattr(route, "path", None)
-    if template:
-        return scope.get("root_path", "") + template
-    return scope.get("metrics_route") or UNMATCHED
+    """The matched route template, else the fast route's exact path, else ``<unmatched>``."""
+    return route_template(scope) or scope.get("metrics_route") or UNMATCHED
 
 
 class HttpMetrics:

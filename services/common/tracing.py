@@ -27,6 +27,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.metrics import route_template
+
 TRACER_NAME = "distillery"
 REQUEST_ID_HEADER = "x-request-id"
 # Bounded per batch: a 10k-row insert does not become 10k spans.
@@ -250,9 +252,9 @@ class TraceRequests:
                 attributes=attributes,
             ) as span:
                 await self.app(scope, receive, send_with_id)
-                route = getattr(scope.get("route"), "path", None)
+                route = route_template(scope)
                 if route:
-                    span.update_name(f"{method} {scope.get('root_path', '')}{route}")
+                    span.update_name(f"{method} {route}")
                     span.set_attribute("http.route", route)
         finally:
             request_id_var.reset(token)
