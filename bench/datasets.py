@@ -117,8 +117,8 @@ def wait_job(stack: Stack, dataset_id: str, job_id: str, timeout: float, interva
 def sample_events(project_id: str, n: int, seed: int) -> list[dict]:
     """Each sample report as a ``logs.v1`` event (the conversion ``POST /report`` does)."""
     from services.ingest.models import AnthropicReportRequest, ReportRequest
-    from services.ingest.sample_traffic import ANTHROPIC_ROUTE, sample_reports
     from services.ingest.service import report_to_event
+    from services.sample_traffic import ANTHROPIC_ROUTE, sample_reports
 
     events = []
     for route, body in sample_reports(min(n, POOL_MAX), seed=seed):
@@ -240,7 +240,7 @@ def unique_row(row: dict, i: int) -> dict:
 
 def bench_upload(stack: Stack, args: argparse.Namespace) -> None:
     from services.api.log_imports.service import log_to_row
-    from services.ingest.sample_traffic import sample_reports
+    from services.sample_traffic import sample_reports
 
     print(f"\n[2] upload: a JSONL of {args.upload_rows} rows")
     rows = []

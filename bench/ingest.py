@@ -165,7 +165,7 @@ def lags(sent: list[float], seen: list[float | None]) -> list[float]:
 
 
 def sample_bodies(n: int, seed: int) -> list[tuple[str, dict]]:
-    from services.ingest.sample_traffic import sample_reports
+    from services.sample_traffic import sample_reports
 
     return sample_reports(min(n, POOL_MAX), seed=seed, now_ms=int(time.time() * 1000) - n * 1000)
 
@@ -173,8 +173,8 @@ def sample_bodies(n: int, seed: int) -> list[tuple[str, dict]]:
 def event_templates(project_id: str, reports: list[tuple[str, dict]]) -> list[tuple[dict, int]]:
     """Each report body as a ``logs.v1`` event (the conversion ``POST /report`` does) and its latency."""
     from services.ingest.models import AnthropicReportRequest, ReportRequest
-    from services.ingest.sample_traffic import ANTHROPIC_ROUTE
     from services.ingest.service import report_to_event
+    from services.sample_traffic import ANTHROPIC_ROUTE
 
     templates = []
     for route, body in reports:

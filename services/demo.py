@@ -22,8 +22,8 @@ from rich.table import Table
 
 from services.common.kafka import TansuBroker, free_port
 from services.common.settings import Settings
-from services.ingest.sample_traffic import sample_reports
 from services.platform import Platform
+from services.sample_traffic import sample_reports
 
 CONCURRENCY = 32
 

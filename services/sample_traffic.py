@@ -1,4 +1,4 @@
-"""Deterministic, realistic sample traffic for the ingest service.
+"""Deterministic, realistic sample traffic (demo data, not a service): what SDKs send to /report.
 
 Builds the bodies an OpenPipe SDK sends to `POST /report` (OpenAI chat completions) and
 `POST /report-anthropic` (Anthropic Messages). Used by the demo, the tests and the

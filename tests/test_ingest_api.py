@@ -9,7 +9,7 @@ import orjson
 import pytest
 from openpipe.client import AsyncOpenPipe, UpdateLogTagsRequestFiltersItem
 
-from services.ingest.sample_traffic import sample_reports
+from services.sample_traffic import sample_reports
 from tests.conftest import Project, wait_for_count
 
 

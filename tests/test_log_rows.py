@@ -13,8 +13,8 @@ from services.common.events import LogEvent
 from services.ingest import store
 from services.ingest.models import AnthropicReportRequest, ReportRequest
 from services.ingest.rows import WireLogEvent, decode_log_event, event_to_row, wire_event
-from services.ingest.sample_traffic import ANTHROPIC_ROUTE, sample_reports
 from services.ingest.service import report_to_event
+from services.sample_traffic import ANTHROPIC_ROUTE, sample_reports
 
 JSON_COLUMNS = ("req_payload", "resp_payload", "openai_req", "openai_resp")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.ingest.sample_traffic import (
+from services.sample_traffic import (
     ANTHROPIC_ROUTE,
     OPENAI_ROUTE,
     anthropic_report,
