@@ -40,6 +40,7 @@ from services.api.datasets.schemas import (
     RevisionOut,
     UnstableDatasetItem,
 )
+from services.api.fine_tuning.models import FineTunedModel
 from services.common.errors import bad_request, not_found
 
 
@@ -250,8 +251,15 @@ def has_rejected_message() -> Any:
 
 
 async def fine_tune_counts(*, session: AsyncSession, dataset_ids: list[str]) -> dict[str, int]:
-    """Fine-tuned models trained on each dataset. None exist until the models domain lands."""
-    return {}
+    """Fine-tuned models trained (or training) on each dataset."""
+    if not dataset_ids:
+        return {}
+    query = (
+        select(FineTunedModel.dataset_id, func.count())
+        .where(FineTunedModel.dataset_id.in_(dataset_ids))
+        .group_by(FineTunedModel.dataset_id)
+    )
+    return {dataset_id: int(count) for dataset_id, count in await session.execute(query)}
 
 
 async def dataset_stats(*, session: AsyncSession, dataset_ids: list[str]) -> dict[str, DatasetStats]:
