@@ -9,6 +9,10 @@ from services.api.dataset_files.views import UPLOAD_PATH
 from services.api.dataset_files.views import router as dataset_files_router
 from services.api.datasets.views import router as datasets_router
 from services.api.evals.wiring import setup_evals
+from services.api.fine_tuning import openai_provider
+from services.api.fine_tuning import service as fine_tuning
+from services.api.fine_tuning.consumers import register_events_consumer
+from services.api.fine_tuning.views import router as fine_tuning_router
 from services.api.log_imports.service import LogImporter, default_workers
 from services.api.log_imports.views import router as log_imports_router
 from services.api.projects import service as projects
@@ -60,6 +64,8 @@ async def setup(platform: Platform) -> None:
     platform.routers.append(pruning_router)
     platform.routers.append(relabel_router)
     register_results_consumer(platform.broker, sessions, settings)
+    platform.routers.append(fine_tuning_router)
+    register_events_consumer(platform.broker, sessions, settings)
     setup_evals(platform)  # graders and evals routes, eval.events.v1 consumer
     # JSONL upload, export and snapshots go through the blob store (file:// or S3).
     platform.state["blobs"] = platform.blobs
@@ -98,9 +104,24 @@ async def setup(platform: Platform) -> None:
         )
         log.info("republished %d provider-settings record(s) on catalog.v1", len(records))
 
+    async def publish_models() -> None:
+        # Fine-tuned models for the router and serving (same reason as above); resume OpenAI runs.
+        async with sessions() as session:
+            records = await fine_tuning.catalog_records(session=session)
+        await fine_tuning.publish_records(
+            broker=platform.broker, records=records, timeout=settings.publish_timeout_seconds
+        )
+        log.info("republished %d model record(s) on catalog.v1", len(records))
+        await openai_provider.resume_all(platform.app.state)
+
+    async def stop_openai_runs() -> None:
+        await openai_provider.stop_all(platform.app.state)
+
     async def close() -> None:
         await engine.dispose()
 
     platform.on_started.append(publish_all_keys)
     platform.on_started.append(publish_provider_settings)
+    platform.on_started.append(publish_models)
+    platform.on_stopping.append(stop_openai_runs)
     platform.on_stop.append(close)
