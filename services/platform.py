@@ -32,7 +32,7 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("api", "ingest", "router", "relabel")
+SERVICES = ("api", "ingest", "router", "relabel", "judge")
 Hook = Callable[[], Awaitable[None]]
 
 

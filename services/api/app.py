@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from services.api.dataset_files.views import UPLOAD_PATH
 from services.api.dataset_files.views import router as dataset_files_router
+from services.api.criteria.wiring import setup_criteria
 from services.api.datasets.views import router as datasets_router
 from services.api.evals.wiring import setup_evals
 from services.api.fine_tuning import openai_provider
@@ -64,6 +65,7 @@ async def setup(platform: Platform) -> None:
     platform.routers.append(pruning_router)
     platform.routers.append(relabel_router)
     register_results_consumer(platform.broker, sessions, settings)
+    setup_criteria(platform)  # criteria, alignment sets, judgements.v1 consumer
     platform.routers.append(fine_tuning_router)
     register_events_consumer(platform.broker, sessions, settings)
     setup_evals(platform)  # graders and evals routes, eval.events.v1 consumer

@@ -50,6 +50,7 @@ class CallOptions:
     cache: str | None = None  # readWrite | readOnly | writeOnly
     tags: dict[str, Any] = field(default_factory=dict)
     fallback: Fallback | None = None
+    criteria: tuple[str, ...] = ()  # op-criteria: best-of-N, see services/router/criteria.py
 
     @property
     def reads_cache(self) -> bool:
@@ -128,6 +129,7 @@ class ChatService:
         self.cache = cache
         self.shipper = shipper
         self.limiter = ProjectLimiter(max_concurrency)
+        self.best_of_n: Any = None  # services.router.criteria.BestOfN, when criteria are wired
         openai = OpenAIProvider()
         self.providers: dict[str, Provider] = {
             "openai": openai,
@@ -154,6 +156,8 @@ class ChatService:
     # --- one completion ------------------------------------------------------------------------
 
     async def complete(self, *, project_id: str, raw: dict[str, Any], options: CallOptions) -> dict[str, Any]:
+        if options.criteria and self.best_of_n is not None:
+            return await self.best_of_n.complete(self, project_id=project_id, raw=raw, options=options)
         requested_at = int(time.time() * 1000)
         outcome = Outcome()
         try:

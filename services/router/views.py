@@ -14,6 +14,7 @@ from services.common.auth import require_project
 from services.common.errors import bad_request, invalid_input
 from services.common.http import loads_json
 from services.router.cache import cache_key
+from services.router.criteria import criteria_ids
 from services.router.protocol import DISABLED_CACHE, ChatCompletionRequest, OpenPipeOptions
 from services.router.service import CallOptions, ChatService
 
@@ -54,12 +55,9 @@ def _header_tags(value: str | None) -> dict[str, Any]:
 def call_options(headers: Mapping[str, str], body: ChatCompletionRequest) -> CallOptions:
     """The ``op-*`` headers win over the body's ``openpipe`` field, which wins over ``store``."""
     options = body.openpipe or OpenPipeOptions()
-    if headers.get("op-criteria"):
-        raise bad_request(
-            "Criteria judging (op-criteria) is not available on this deployment yet.",
-            param="op-criteria",
-            code="criteria_unavailable",
-        )
+    criteria = criteria_ids(headers.get("op-criteria"), options.criteria)  # best-of-N: router/criteria.py
+    if criteria and body.stream:
+        raise bad_request("op-criteria cannot be used with stream: true.", param="op-criteria")
     header = headers.get("op-log-request")
     if header is not None:
         log_request = header.strip().lower() == "true"
@@ -74,7 +72,9 @@ def call_options(headers: Mapping[str, str], body: ChatCompletionRequest) -> Cal
         else cache_mode(options.cache, "openpipe.cache")
     )
     tags = {**(options.tags or {}), **_header_tags(headers.get("op-tags"))}
-    return CallOptions(log_request=log_request, cache=cache, tags=tags, fallback=options.fallback)
+    return CallOptions(
+        log_request=log_request, cache=cache, tags=tags, fallback=options.fallback, criteria=criteria
+    )
 
 
 def parse_chat_request(payload: bytes) -> tuple[dict, ChatCompletionRequest]:

@@ -1,0 +1,1 @@
+"""The judge service: LLM-as-judge verdicts on criteria (gRPC ``Judge``, ``POST /criteria/judge``)."""
