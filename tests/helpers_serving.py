@@ -3,14 +3,14 @@ LoRA adapter trained on it for real in seconds: what the serving tests and weigh
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
     "The capital of France is Paris. The capital of Sweden is Stockholm. Hello, how can I help you today?",
@@ -24,6 +24,8 @@ CORPUS = [
 def build_tokenizer(path: Path) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from services.common.model_store import chatml_template
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -39,7 +41,7 @@ def build_tokenizer(path: Path) -> Any:
         bos_token=None,
         additional_special_tokens=["<|im_start|>"],
     )
-    fast.chat_template = CHATML
+    fast.chat_template = chatml_template()  # the model store's template: tools and tool calls rendered
     fast.save_pretrained(path)
     return fast
 
@@ -71,14 +73,18 @@ def build_tiny_model(path: Path, *, context_window: int = 1024, seed: int = 0) -
 
 
 def train_adapter(
-    base_dir: Path, out_dir: Path, examples: list[dict[str, Any]], *, steps: int = 30, rank: int = 8
+    base_dir: Path,
+    out_dir: Path,
+    examples: list[dict[str, Any]],
+    *,
+    base_name: str,
+    steps: int = 30,
+    rank: int = 8,
 ) -> Path:
     """Fit a LoRA adapter on ``examples`` (OpenAI-shaped entries) so the model answers them; seconds."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from services.serving.chat_format import template_messages
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -92,9 +98,11 @@ def train_adapter(
     model = get_peft_model(model, config)
     rows = []
     for example in examples:
-        messages = template_messages(example["messages"], example.get("tools"))
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full = prompt + messages[-1]["content"] + "<|im_end|>"
+        tools = example.get("tools")
+        prompt = tokenizer.apply_chat_template(
+            example["messages"][:-1], tools=tools, tokenize=False, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(example["messages"], tools=tools, tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = tokenizer(full, add_special_tokens=False)["input_ids"]
         labels = [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
@@ -111,6 +119,79 @@ def train_adapter(
     tokenizer.save_pretrained(out_dir)
     config_path = out_dir / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text())
-    adapter_config["base_model_name_or_path"] = "distillery/tiny-chat"
+    adapter_config["base_model_name_or_path"] = base_name
     config_path.write_text(json.dumps(adapter_config, indent=2))
     return out_dir
+
+
+TEST_BASE = "test/tiny-serving"
+HELLO = [{"role": "user", "content": "Say hello"}]
+HELLO_ANSWER = "Hello from the adapter!"
+BONJOUR_ANSWER = "Bonjour from B!"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+WEATHER = [{"role": "user", "content": "Weather in Paris?"}]
+WEATHER_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
+
+
+@dataclass(frozen=True)
+class ServingAssets:
+    root: Path
+    blob_root: Path  # a FileBlobStore: the base under models/<TEST_BASE>/, adapters under fine_tunes/
+    base_dir: Path
+    adapter_a: str  # blob key prefix: answers HELLO with HELLO_ANSWER, WEATHER (with tools) with a call
+    adapter_b: str  # answers HELLO with BONJOUR_ANSWER
+    adapter_a_dir: Path
+
+    def blobs(self) -> Any:
+        from services.common.blobstore import FileBlobStore
+
+        return FileBlobStore(self.blob_root)
+
+
+@functools.cache
+def serving_assets() -> ServingAssets:
+    """Built once per test session: the tiny base in a blob-store model store and two trained adapters."""
+    from services.common.blobstore import FileBlobStore
+    from services.common.model_store import upload_model
+
+    root = Path(tempfile.mkdtemp(prefix="distillery-serving-"))
+    base_dir = build_tiny_model(root / "base")
+    blobs = FileBlobStore(root / "blobs")
+    upload_model(TEST_BASE, base_dir, blobs)
+    a_dir = train_adapter(
+        base_dir,
+        root / "adapter-a",
+        [
+            {"messages": [*HELLO, {"role": "assistant", "content": HELLO_ANSWER}]},
+            {
+                "messages": [*WEATHER, {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]}],
+                "tools": [WEATHER_TOOL],
+            },
+        ],
+        base_name=TEST_BASE,
+        steps=40,
+    )
+    b_dir = train_adapter(
+        base_dir,
+        root / "adapter-b",
+        [{"messages": [*HELLO, {"role": "assistant", "content": BONJOUR_ANSWER}]}],
+        base_name=TEST_BASE,
+        steps=20,
+    )
+    keys = {"a": "fine_tunes/proj/model-a/job/adapter", "b": "fine_tunes/proj/model-b/job/adapter"}
+    for name, folder in (("a", a_dir), ("b", b_dir)):
+        for path in folder.iterdir():
+            (root / "blobs" / keys[name]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, root / "blobs" / keys[name] / path.name)
+    return ServingAssets(root, root / "blobs", base_dir, keys["a"], keys["b"], a_dir)

@@ -116,6 +116,23 @@ class Settings(BaseSettings):
     trainer_k8s_env_secret: str = ""  # a Secret with DISTILLERY_* (blob and Kafka URLs) for the pod
     trainer_k8s_poll_seconds: float = 5.0
 
+    # Local model server (services/serving): where the router and api reach it, as an OpenAI base
+    # URL without /v1 (empty: http://127.0.0.1:<model_server_port>; ``distillery up`` starts it as
+    # a child process), its port, decoding batch size, adapters kept in memory per base, bases to
+    # load at start (comma separated) and torch device (empty: cuda when present, else cpu).
+    model_server_url: str = ""
+    model_server_port: int = 8091
+    model_server_max_batch: int = 16
+    model_server_max_adapters: int = 8
+    model_server_preload: str = ""
+    model_server_device: str = ""
+    # `distillery up` starts the model server unless this is false (or model_server_url is set).
+    model_server_embedded: bool = True
+    # Production: vLLM OpenAI servers with LoRA enabled, one per base model (JSON object: base model
+    # name -> base URL without /v1), and the folder of the adapter volume they share with the api.
+    vllm_servers: dict[str, str] = {}
+    vllm_adapter_dir: Path = Path("/adapters")
+
     # The embedded profile of ``distillery up`` (ignored when DISTILLERY_KAFKA_URL is set). "s3":
     # Tansu stores every acknowledged message and committed offset in an embedded SeaweedFS under
     # ``<data_dir>/s3`` before answering (survives kill -9); "memory": faster, loses everything
@@ -148,6 +165,9 @@ class Settings(BaseSettings):
 
     def resolved_model_store_dir(self) -> Path:
         return (self.model_store_dir or self.data_dir / "models").resolve()
+
+    def resolved_model_server_url(self) -> str:
+        return (self.model_server_url or f"http://127.0.0.1:{self.model_server_port}").rstrip("/")
 
     def resolved_trainer_work_dir(self) -> Path:
         return (self.trainer_work_dir or self.data_dir / "trainer").resolve()

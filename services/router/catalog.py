@@ -3,7 +3,9 @@
 Record shapes (published by ``api``, see ``services/api/providers/service.py``):
 ``provider_keys`` (id = project id), ``external_provider`` (id = provider id) and
 ``deployment`` (id = ``project_id/slug``: a fine-tuned model served by an
-OpenAI-compatible server). Secrets arrive encrypted and are decrypted on first use.
+OpenAI-compatible server) and ``model`` (id = ``project_id/slug``: a Model of the fine-tuning
+api, see ``services/api/fine_tuning/service.py``; served by the model server or vLLM for its base).
+Secrets arrive encrypted and are decrypted on first use.
 """
 
 from __future__ import annotations
@@ -47,6 +49,39 @@ class Deployment:
     output_price_per_million: float | None = None
 
 
+@dataclass(frozen=True)
+class FineTunedModel:
+    """A Model from the fine-tuning api: served once DEPLOYED (see ``routing.Router``)."""
+
+    project_id: str
+    slug: str
+    status: str
+    provider: str  # "openpipe" (our adapter on its base) | "openai" (an ``ft:`` model at OpenAI)
+    base_model: str
+    adapter_uri: str | None = None
+    upstream_model: str | None = None
+    pruning_rules: tuple[str, ...] = ()
+    default_temperature: float | None = None
+    input_price_per_million: float | None = None
+    output_price_per_million: float | None = None
+
+
+def _fine_tuned_model(data: dict[str, Any]) -> FineTunedModel:
+    return FineTunedModel(
+        project_id=data["project_id"],
+        slug=data["slug"],
+        status=str(data.get("status") or "PENDING"),
+        provider=str(data.get("provider") or "openpipe"),
+        base_model=str(data.get("base_model") or ""),
+        adapter_uri=data.get("adapter_uri"),
+        upstream_model=data.get("upstream_model"),
+        pruning_rules=tuple(data.get("pruning_rules") or ()),
+        default_temperature=data.get("default_temperature"),
+        input_price_per_million=data.get("input_price_per_million"),
+        output_price_per_million=data.get("output_price_per_million"),
+    )
+
+
 def _external_provider(record: CatalogRecord) -> ExternalProvider:
     d = record.data
     models = {
@@ -88,6 +123,7 @@ class RouterCatalog:
         self._external: dict[str, ExternalProvider] = {}  # by provider id
         self._external_by_slug: dict[tuple[str, str], ExternalProvider] = {}
         self._deployments: dict[tuple[str, str], Deployment] = {}
+        self._models: dict[tuple[str, str], FineTunedModel] = {}
         self._plain: dict[str, str] = {}
 
     def apply(self, record: CatalogRecord) -> None:
@@ -97,6 +133,8 @@ class RouterCatalog:
             self._apply_external(record)
         elif record.kind == "deployment":
             self._apply_deployment(record)
+        elif record.kind == "model":
+            self._apply_model(record)
 
     def _apply_provider_keys(self, record: CatalogRecord) -> None:
         if record.deleted:
@@ -122,6 +160,13 @@ class RouterCatalog:
         else:
             self._deployments[(project_id, slug)] = _deployment(record.data)
 
+    def _apply_model(self, record: CatalogRecord) -> None:
+        project_id, _, slug = record.id.partition("/")
+        if record.deleted:
+            self._models.pop((project_id, slug), None)
+        else:
+            self._models[(project_id, slug)] = _fine_tuned_model(record.data)
+
     def decrypt(self, token: str | None) -> str | None:
         if token is None:
             return None
@@ -137,3 +182,6 @@ class RouterCatalog:
 
     def deployment(self, project_id: str, slug: str) -> Deployment | None:
         return self._deployments.get((project_id, slug))
+
+    def fine_tuned_model(self, project_id: str, slug: str) -> FineTunedModel | None:
+        return self._models.get((project_id, slug))

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from services.common.errors import APIError, bad_request
 from services.common.settings import Settings
-from services.router.catalog import RouterCatalog
+from services.router.catalog import FineTunedModel, RouterCatalog
 
 MOA_PREFIX = "openpipe:moa-"
+BASE_PREFIX = "base/"  # openpipe:base/<base-model>: a base model on the model server, no adapter
 MOA_SUFFIX = "-v1"
 
 
@@ -91,6 +92,8 @@ class Router:
         return Route(provider=provider, base_url=base_url, api_key=key, upstream_model=upstream_model)
 
     def _openpipe(self, project_id: str, name: str, model: str) -> Route:
+        if name.startswith(BASE_PREFIX) and len(name) > len(BASE_PREFIX):
+            return self._served_base(name[len(BASE_PREFIX) :])
         provider_slug, slash, external_model = name.partition("/")
         if slash:
             provider = self.catalog.external_provider(project_id, provider_slug)
@@ -109,6 +112,8 @@ class Router:
                 output_price_per_million=known.output_price_per_million if known else None,
             )
         deployment = self.catalog.deployment(project_id, name)
+        if deployment is None and (fine_tuned := self.catalog.fine_tuned_model(project_id, name)):
+            return self._fine_tuned(project_id, fine_tuned, model)
         if deployment is None:
             raise model_not_found(model, f"no deployed fine-tuned model {name!r} in this project")
         return Route(
@@ -121,3 +126,64 @@ class Router:
             input_price_per_million=deployment.input_price_per_million,
             output_price_per_million=deployment.output_price_per_million,
         )
+
+    # --- models served by the model server (locally) or vLLM (production), one per base ---------
+
+    def serving_url(self, base_model: str) -> str:
+        """The OpenAI base URL serving ``base_model``: its vLLM server, else the local model server."""
+        url = self.settings.vllm_servers.get(base_model) or self.settings.resolved_model_server_url()
+        return url.rstrip("/") + "/v1"
+
+    def _served_base(self, base_model: str) -> Route:
+        prices = base_model_prices(base_model)
+        return Route(
+            provider="openai",
+            base_url=self.serving_url(base_model),
+            api_key=None,
+            upstream_model=base_model,
+            input_price_per_million=prices[0] if prices else None,
+            output_price_per_million=prices[1] if prices else None,
+        )
+
+    def _fine_tuned(self, project_id: str, fine_tuned: FineTunedModel, model: str) -> Route:
+        if fine_tuned.status == "DEPRECATED":
+            raise APIError(
+                400,
+                f"The model {model!r} is deprecated and no longer served: use a newer fine-tuned model.",
+                param="model",
+                code="model_deprecated",
+            )
+        if fine_tuned.status != "DEPLOYED":
+            raise APIError(
+                400,
+                f"The model {model!r} is {fine_tuned.status}, not deployed yet: it can be called once "
+                "its status is DEPLOYED.",
+                param="model",
+                code="model_not_deployed",
+            )
+        if fine_tuned.provider == "openai":
+            route = self._builtin(project_id, "openai", fine_tuned.upstream_model or "", model)
+            base_url, api_key, upstream = route.base_url, route.api_key, route.upstream_model
+        else:
+            base_url = self.serving_url(fine_tuned.base_model)
+            api_key, upstream = None, fine_tuned.adapter_uri or ""
+        return Route(
+            provider="openai",
+            base_url=base_url,
+            api_key=api_key,
+            upstream_model=upstream,
+            pruning_rules=fine_tuned.pruning_rules,
+            default_temperature=fine_tuned.default_temperature,
+            input_price_per_million=fine_tuned.input_price_per_million,
+            output_price_per_million=fine_tuned.output_price_per_million,
+        )
+
+
+def base_model_prices(base_model: str) -> tuple[float, float] | None:
+    """Per-1M-token (input, output) prices of an open base model, by size (the seed's pricing table)."""
+    try:
+        from services.api.fine_tuning.catalog import base_info
+    except ImportError:  # the api's catalog is not installed with this router
+        return None
+    info = base_info(base_model)
+    return info.input_price_per_million, info.output_price_per_million

@@ -1,15 +1,19 @@
-"""How conversations, tools and tool calls are written as text for an open model — shared by the
-trainer (what a fine-tuned model learns to emit) and the model server (what it reads back).
+"""How conversations, tools and tool calls are written as text for an open model — the same way
+the trainer writes them (what a fine-tuned model learns to emit) and the model server reads them.
 
-Tool calls use the Hermes / Qwen 2.5 convention, whatever the base's own chat template knows:
+The base's chat template renders them when it knows tools: the model store's ChatML template
+(``services/common/model_store.chatml_template``, used by every built-in base and so by the
+trainer) writes each call as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
+For a base whose template ignores tools, ``template_messages`` writes the same convention
+(Hermes / Qwen 2.5) into plain messages first:
 
 - ``tools`` become a system-prompt section listing each function's JSON schema inside ``<tools>``;
 - an assistant tool call is ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``,
   one block per call, after any text content;
 - a ``tool`` message becomes a user turn ``<tool_response>\\n...\\n</tool_response>``.
 
-``template_messages`` rewrites OpenAI messages into plain ``{"role", "content"}`` messages that
-any chat template renders; ``parse_tool_calls`` turns generated text back into ``tool_calls``.
+``render_prompt`` builds the prompt; ``parse_tool_calls`` turns generated text back into
+``tool_calls``.
 """
 
 from __future__ import annotations
@@ -96,6 +100,23 @@ def template_messages(
         else:
             out.insert(0, {"role": "system", "content": section})
     return out
+
+
+def template_knows_tools(tokenizer: Any) -> bool:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return isinstance(template, str) and "tool_call" in template and "tools" in template
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+    """The prompt text for ``messages`` (and ``tools``), ending where the assistant answers."""
+    if template_knows_tools(tokenizer):
+        plain = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+        return tokenizer.apply_chat_template(
+            plain, tools=tools or None, tokenize=False, add_generation_prompt=True
+        )
+    return tokenizer.apply_chat_template(
+        template_messages(messages, tools), tokenize=False, add_generation_prompt=True
+    )
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:

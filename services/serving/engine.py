@@ -85,8 +85,10 @@ class Engine:
         max_batch: int = 16,
         max_adapters: int = 8,
         context_window: int | None = None,
+        device: str = "cpu",
     ) -> None:
         self.model = model.eval()
+        self.device = torch.device(device)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_adapters = max_adapters
@@ -97,6 +99,7 @@ class Engine:
         self.peft: Any = None  # the PeftModel once a first adapter is loaded
         self.adapters: OrderedDict[str, Path] = OrderedDict()  # loaded, least recently used first
         self._adapter_paths: dict[str, Path] = {}
+        self._forget: set[str] = set()
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._waiting: list[Sequence] = []
         self._rows: list[Sequence] = []
@@ -105,6 +108,7 @@ class Engine:
         self._positions: torch.Tensor | None = None
         self._stopped = False
         self.steps = 0
+        self.peak_batch = 0
         self._thread = threading.Thread(target=self._run, name="serving-engine", daemon=True)
         self._thread.start()
 
@@ -163,6 +167,8 @@ class Engine:
             try:
                 self._drain_inbox(block=not self._rows and not self._waiting)
                 self._drop_cancelled()
+                if self._forget:
+                    self._evict_forgotten()
                 admitted = self._admit()
                 if admitted:
                     self._prefill(admitted)
@@ -198,6 +204,10 @@ class Engine:
                 still.append(seq)
                 continue
             adapter = seq.adapter
+            if adapter is not None and adapter not in self._adapter_paths:
+                seq.done = True
+                seq.emit(Delta(error="the adapter was unloaded before this request started"))
+                continue
             if adapter is not None and not self._ensure_adapter(adapter, self._adapter_paths[adapter]):
                 still.append(seq)
                 continue
@@ -207,7 +217,21 @@ class Engine:
 
     def register_adapter(self, name: str, path: Path) -> None:
         """Where to load ``name`` from when a sequence first needs it (a local adapter folder)."""
+        self._forget.discard(name)
         self._adapter_paths[name] = path
+
+    def forget_adapter(self, name: str) -> None:
+        """Stop serving ``name``; its weights leave memory once no running sequence uses them."""
+        self._adapter_paths.pop(name, None)
+        self._forget.add(name)
+
+    def _evict_forgotten(self) -> None:
+        busy = {row.adapter for row in self._rows}
+        for name in list(self._forget):
+            if name not in busy:
+                self._forget.discard(name)
+                if name in self.adapters:
+                    self._evict(name)
 
     def _forward(self, rows: list[Sequence], **inputs: Any) -> torch.Tensor:
         adapters = [row.adapter or BASE for row in rows]
@@ -225,14 +249,19 @@ class Engine:
 
         width = max(len(s.prompt_ids) for s in seqs)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs])
+        ids = torch.tensor(
+            [[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=self.device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs], device=self.device
+        )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(
             seqs, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
         )
-        self._merge(seqs, cache, mask, torch.tensor([len(s.prompt_ids) for s in seqs]))
+        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
+        self._merge(seqs, cache, mask, lengths)
         self._sample_and_emit(seqs, logits)
 
     def _merge(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
@@ -254,8 +283,9 @@ class Engine:
     def _decode(self) -> None:
         assert self._mask is not None and self._positions is not None
         rows = self._rows
-        ids = torch.tensor([[row.output_ids[-1]] for row in rows])
-        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)
+        ids = torch.tensor([[row.output_ids[-1]] for row in rows], device=self.device)
+        ones = torch.ones(len(rows), 1, dtype=self._mask.dtype, device=self.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
         logits = self._forward(
             rows,
             input_ids=ids,
@@ -265,6 +295,7 @@ class Engine:
         )
         self._positions = self._positions + 1
         self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(rows))
         self._sample_and_emit(rows, logits)
         self._keep([i for i, row in enumerate(self._rows) if not row.done and not row.cancelled])
 
@@ -276,7 +307,7 @@ class Engine:
             self._rows, self._cache, self._mask, self._positions = [], None, None, None
             return
         assert self._mask is not None and self._positions is not None
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.device)
         mask = self._mask.index_select(0, index)
         start = int((mask.cumsum(-1) == 0).sum(-1).min())  # leading columns no row uses
         for layer in self._cache.layers:
@@ -289,7 +320,7 @@ class Engine:
     # --- sampling and output -------------------------------------------------------------------
 
     def _sample_and_emit(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        logits = logits.float()
+        logits = logits.float().cpu()
         for row, row_logits in zip(rows, logits, strict=True):
             if row.done or row.cancelled:
                 continue
