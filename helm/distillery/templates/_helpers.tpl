@@ -87,3 +87,79 @@ envFrom shared by every Distillery container: the ConfigMap and the Secret.
 - secretRef:
     name: {{ include "distillery.secretName" . }}
 {{- end -}}
+
+{{/*
+A ServiceAccount name: the services' own (no API permissions) or the trainer launcher's.
+*/}}
+{{- define "distillery.serviceAccountName" -}}
+{{- include "distillery.fullname" . -}}
+{{- end -}}
+
+{{- define "distillery.trainerServiceAccountName" -}}
+{{- default (printf "%s-trainer" (include "distillery.fullname" .)) .Values.trainer.serviceAccount.name -}}
+{{- end -}}
+
+{{/*
+Liveness, readiness and start-up probes of every Distillery container. Call with the root.
+*/}}
+{{- define "distillery.probes" -}}
+{{- $p := .Values.probes -}}
+startupProbe:
+  httpGet:
+    path: {{ $p.liveness.path }}
+    port: http
+  periodSeconds: {{ $p.startup.periodSeconds }}
+  failureThreshold: {{ $p.startup.failureThreshold }}
+livenessProbe:
+  httpGet:
+    path: {{ $p.liveness.path }}
+    port: http
+  initialDelaySeconds: {{ $p.liveness.initialDelaySeconds }}
+  periodSeconds: {{ $p.liveness.periodSeconds }}
+  timeoutSeconds: {{ $p.liveness.timeoutSeconds }}
+  failureThreshold: {{ $p.liveness.failureThreshold }}
+readinessProbe:
+  httpGet:
+    path: {{ $p.readiness.path }}
+    port: http
+  initialDelaySeconds: {{ $p.readiness.initialDelaySeconds }}
+  periodSeconds: {{ $p.readiness.periodSeconds }}
+  timeoutSeconds: {{ $p.readiness.timeoutSeconds }}
+  failureThreshold: {{ $p.readiness.failureThreshold }}
+{{- end -}}
+
+{{/*
+Ports of every Distillery container.
+*/}}
+{{- define "distillery.containerPorts" -}}
+- name: http
+  containerPort: {{ .Values.ports.http }}
+  protocol: TCP
+- name: grpc
+  containerPort: {{ .Values.ports.grpc }}
+  protocol: TCP
+{{- end -}}
+
+{{/*
+Writable scratch space under a read-only root filesystem.
+*/}}
+{{- define "distillery.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: data
+  mountPath: /var/lib/distillery
+{{- end -}}
+
+{{- define "distillery.scratchVolumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: data
+  emptyDir: {}
+{{- end -}}
+
+{{/*
+The routing table (files/routes.yaml), as a list of {prefix, service}.
+*/}}
+{{- define "distillery.routes" -}}
+{{- .Files.Get "files/routes.yaml" -}}
+{{- end -}}
