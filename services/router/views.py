@@ -8,11 +8,11 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from services.common.auth import require_project
 from services.common.errors import bad_request, invalid_input
-from services.common.http import loads_json
+from services.common.http import loads_json, openapi_json_body
 from services.router.cache import cache_key
 from services.router.criteria import criteria_ids
 from services.router.protocol import DISABLED_CACHE, ChatCompletionRequest, OpenPipeOptions
@@ -22,6 +22,12 @@ router = APIRouter(tags=["chat"])
 
 CACHE_MODES = ("readWrite", "readOnly", "writeOnly")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class CheckCacheRequest(BaseModel):
+    """``POST /check-cache`` (deprecated): the response cached for a request, if any."""
+
+    reqPayload: dict[str, Any]
 
 
 async def chat_service(request: Request) -> ChatService:
@@ -88,7 +94,25 @@ def parse_chat_request(payload: bytes) -> tuple[dict, ChatCompletionRequest]:
         raise invalid_input(exc.errors()) from None
 
 
-@router.post("/chat/completions")
+CHAT_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "description": "A chat completion, or with `stream: true` its chunks as server-sent events",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/chat/completions",
+    response_class=Response,
+    responses=CHAT_RESPONSES,
+    openapi_extra=openapi_json_body(
+        ChatCompletionRequest, description="The OpenAI chat-completions request plus `openpipe`, `store`"
+    ),
+)
 async def chat_completions(
     request: Request, project_id: str = Depends(require_project), chat: ChatService = Depends(chat_service)
 ) -> Response:
@@ -103,7 +127,7 @@ async def chat_completions(
     return Response(orjson.dumps(completion), media_type="application/json")
 
 
-@router.post("/check-cache", deprecated=True)
+@router.post("/check-cache", deprecated=True, openapi_extra=openapi_json_body(CheckCacheRequest))
 async def check_cache(
     request: Request, project_id: str = Depends(require_project), chat: ChatService = Depends(chat_service)
 ) -> dict:
