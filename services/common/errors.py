@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -41,6 +42,10 @@ def not_found(message: str, *, param: str | None = None) -> APIError:
 
 def unauthorized(message: str) -> APIError:
     return APIError(401, message, type="authentication_error", code="invalid_api_key")
+
+
+def conflict(message: str, *, param: str | None = None) -> APIError:
+    return APIError(409, message, param=param, code="conflict")
 
 
 def unavailable(message: str) -> APIError:
@@ -99,6 +104,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
         return error_response(APIError(400, message, param=param, code="invalid_request"))
+
+    @app.exception_handler(StaleDataError)
+    async def _concurrent_change(_: Request, exc: StaleDataError) -> JSONResponse:
+        # A row this request read was deleted or rewritten by another request before it wrote.
+        return error_response(conflict("The resource was changed or deleted by a concurrent request; retry."))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 from pydantic_core import from_json
 from starlette.applications import Starlette
 from starlette.routing import compile_path
@@ -296,3 +297,42 @@ class JsonBodies:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+# --- OpenAPI for views that read the raw body or query string themselves -----------------------
+
+
+def openapi_json_body(model: type[BaseModel], *, description: str | None = None) -> dict:
+    """``openapi_extra`` declaring ``model`` as the JSON request body of a view that parses it itself
+    (framework-free fast paths, forwarded bodies); the schema is inlined (no ``$defs`` refs)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+    body: dict[str, Any] = {
+        "required": True,
+        "content": {"application/json": {"schema": _inline(schema, definitions)}},
+    }
+    if description:
+        body["description"] = description
+    return {"requestBody": body}
+
+
+def _inline(node: Any, definitions: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline(definitions[ref.removeprefix("#/$defs/")], definitions)
+        return {key: _inline(value, definitions) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inline(item, definitions) for item in node]
+    return node
+
+
+def openapi_query(*parameters: tuple[str, dict[str, Any], str]) -> dict:
+    """``openapi_extra`` documenting the query parameters a view reads from ``request.query_params``:
+    ``(name, JSON schema, description)`` each, all optional."""
+    return {
+        "parameters": [
+            {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+            for name, schema, description in parameters
+        ]
+    }

@@ -97,7 +97,7 @@ def _get(value: Any, name: str) -> Any:
 
 def _tokens(value: Any) -> int:
     """A token count as reported; what is not a count (negative, text, ...) counts as 0."""
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
         return 0

@@ -17,8 +17,8 @@ from services.common import metrics, tracing
 from services.common.auth import require_project
 from services.common.clickhouse import ClickHouse
 from services.common.errors import APIError, bad_request, invalid_input, not_found, unavailable
-from services.common.events import LOGS_TOPIC, LogEvent
-from services.common.http import loads_json
+from services.common.events import LOGS_TOPIC, MAX_UNIX_MS, LogEvent
+from services.common.http import loads_json, openapi_json_body, openapi_query
 from services.common.log_fields import stringify
 from services.ingest import service, store
 from services.ingest.models import (
@@ -104,8 +104,24 @@ async def record_report(d: IngestDeps, route: str, raw: bytes, project_id: str) 
 
 
 def _report_body(model: type[ReportRequest]) -> dict:
-    schema = {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}
-    return {"requestBody": schema}
+    return openapi_json_body(model)
+
+
+# The search filters every log route reads from the query string (service.filters_from_query).
+_FILTER_QUERY = (
+    ("model", {"type": "string"}, "the model the call named"),
+    ("completionId", {"type": "string"}, "the provider's completion id"),
+    ("status", {"type": "string", "enum": ["success", "error", "pending"]}, "outcome of the call"),
+    ("requestedAfter", {"type": "integer", "minimum": 0, "maximum": MAX_UNIX_MS}, "unix ms, inclusive"),
+    ("requestedBefore", {"type": "integer", "minimum": 0, "maximum": MAX_UNIX_MS}, "unix ms, exclusive"),
+    ("requestContains", {"type": "string"}, "text the request payload contains"),
+    ("responseNotContains", {"type": "string"}, "text the response payload does not contain"),
+)
+_METADATA_NOTE = "; also `metadata.<key>=<value>` (or `tags.<key>`) for each metadata pair to match"
+_PAGE_QUERY = (
+    ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}, "page size (default 50)"),
+    ("cursor", {"type": "string"}, "`next_cursor` of the previous page"),
+)
 
 
 @router.post("/report", response_model=ReportResponse, openapi_extra=_report_body(ReportRequest))
@@ -148,12 +164,17 @@ async def update_tags(
 
 def _limit(request: Request, default: int, maximum: int) -> int:
     raw = request.query_params.get("limit", str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
         raise bad_request(f"limit must be an integer between 1 and {maximum}.", param="limit")
     return int(raw)
 
 
-@router.get("/logs", response_model=RequestLogList)
+@router.get(
+    "/logs",
+    response_model=RequestLogList,
+    description="Search logs, newest first" + _METADATA_NOTE,
+    openapi_extra=openapi_query(*_FILTER_QUERY, *_PAGE_QUERY),
+)
 async def list_logs(
     request: Request, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
 ) -> RequestLogList:
@@ -170,7 +191,12 @@ async def list_logs(
     )
 
 
-@router.get("/logs/count", response_model=LogCount)
+@router.get(
+    "/logs/count",
+    response_model=LogCount,
+    description="Count matching logs" + _METADATA_NOTE,
+    openapi_extra=openapi_query(*_FILTER_QUERY),
+)
 async def count_logs(
     request: Request, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
 ) -> LogCount:
@@ -178,7 +204,15 @@ async def count_logs(
     return LogCount(count=await _query(store.count(d.clickhouse, project_id, filters)))
 
 
-@router.get("/logs/export")
+@router.get(
+    "/logs/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}},
+    openapi_extra=openapi_query(
+        *_FILTER_QUERY,
+        ("limit", {"type": "integer", "minimum": 1, "maximum": 10_000_000}, "at most this many lines"),
+    ),
+)
 async def export_logs(
     request: Request, project_id: str = Depends(require_project), d: IngestDeps = Depends(deps)
 ) -> StreamingResponse:

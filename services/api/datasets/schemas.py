@@ -33,6 +33,7 @@ from pydantic import (
 
 from services.api.datasets.rows import ROLES, SPLITS
 from services.common.errors import APIError, bad_request
+from services.common.http import openapi_query
 
 MAX_ENTRIES_PER_REQUEST = 10_000
 MAX_PAGE_SIZE = 1000
@@ -345,6 +346,16 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+ENTRY_FILTER_QUERY = openapi_query(
+    ("split", {"type": "string", "enum": list(SPLITS)}, "TRAIN or TEST"),
+    ("provenance", {"type": "string", "enum": list(PROVENANCES)}, "how the current output came to be"),
+    ("source", {"type": "string", "enum": list(SOURCES)}, "where the entry came from"),
+    ("search", {"type": "string"}, "text the messages contain"),
+    ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE}, "page size"),
+    ("cursor", {"type": "string"}, "`next_cursor` of the previous page"),
+)
+
+
 def parse_entry_filters(params: Mapping[str, str] | list[tuple[str, str]]) -> EntryFilters:
     """``GET /datasets/{id}/entries`` query parameters; an unknown or repeated one is a 400 naming it."""
     items = list(params.items()) if isinstance(params, Mapping) else list(params)
@@ -366,7 +377,7 @@ def parse_entry_filters(params: Mapping[str, str] | list[tuple[str, str]]) -> En
         elif name.startswith("metadata.") and len(name) > len("metadata."):
             filters.metadata[name[len("metadata.") :]] = value
         elif name == "limit":
-            if not value.isdigit() or not 1 <= int(value) <= MAX_PAGE_SIZE:
+            if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_PAGE_SIZE:
                 raise bad_request(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}.", param="limit")
             filters.limit = int(value)
         elif name == "cursor":

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.api.datasets import jobs, service
 from services.api.datasets.models import Dataset
 from services.api.datasets.schemas import (
+    ENTRY_FILTER_QUERY,
     DatasetCreate,
     DatasetList,
     DatasetOut,
@@ -139,7 +140,12 @@ async def create_entries(
     return EntriesCreated(entries_created=result.created, errors=EntryCreationErrors(data=errors))
 
 
-@router.get("/datasets/{dataset_id}/entries", response_model=EntryList)
+@router.get(
+    "/datasets/{dataset_id}/entries",
+    response_model=EntryList,
+    description="List entries, oldest first; also `metadata.<key>=<value>` per metadata pair to match",
+    openapi_extra=ENTRY_FILTER_QUERY,
+)
 async def list_entries(
     dataset_id: str,
     request: Request,
