@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from services.common.kafka import TansuBroker, free_port
 from services.common.settings import Settings
 
 app = typer.Typer(
@@ -29,53 +29,42 @@ def _settings(data_dir: Path, **overrides: object) -> Settings:
     return Settings(data_dir=data_dir, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def start_embedded_kafka(settings: Settings) -> TansuBroker | None:
-    """Start Tansu unless an external Kafka was configured with DISTILLERY_KAFKA_URL."""
-    if os.environ.get("DISTILLERY_KAFKA_URL"):
-        return None
-    port = int(settings.kafka_url.rsplit(":", 1)[1])
-    try:
-        tansu = TansuBroker(port, log_path=settings.data_dir / "tansu.log")
-        tansu.start()
-    except RuntimeError:
-        tansu = TansuBroker(free_port(), log_path=settings.data_dir / "tansu.log")
-        tansu.start()
-    settings.kafka_url = tansu.url
-    return tansu
-
-
 @app.command()
 def up(
     port: int = typer.Option(8080, help="HTTP port for every /api/v1 route."),
     grpc_port: int = typer.Option(50051, help="gRPC port."),
-    data_dir: Path = typer.Option(Path(".distillery"), help="Where chDB, SQLite and blobs live."),
+    data_dir: Path = typer.Option(Path(".distillery"), help="Where chDB, SQLite, blobs and the broker live."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
 ) -> None:
-    """Run every service in one process on embedded defaults (Tansu, chDB, SQLite, local blobs)."""
-    from services.platform import Platform, run
+    """Run every service in one process on embedded defaults (durable Tansu on an embedded S3,
+    chDB, SQLite, local blobs). Ctrl-C (or SIGTERM) refuses new requests, drains, then stops."""
+    launched = time.monotonic()
+    from services.common.embedded import Embedded
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(data_dir, http_port=port, grpc_port=grpc_port, http_host=host)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    tansu = start_embedded_kafka(settings)
+    embedded = Embedded(settings)
+    embedded.begin()  # S3 and the broker start while the services are imported
     run_file = settings.data_dir / RUN_FILE
-    run_file.write_text(
-        json.dumps(
-            {"kafka_url": settings.kafka_url, "http_port": port, "grpc_port": grpc_port, "pid": os.getpid()}
-        )
-    )
-    console.print(
-        f"[bold green]Distillery[/] on http://{host}:{port}/api/v1 · gRPC {host}:{grpc_port} · "
-        f"Kafka {settings.kafka_url} · data in {settings.data_dir}"
-    )
     try:
-        run(Platform(settings))
+        from services.platform import Platform, import_services, run
+
+        import_services()
+        embedded.wait()
+        embedded.write_run_file(port, grpc_port)
+        console.print(
+            f"[bold green]Distillery[/] on http://{host}:{port}/api/v1 · gRPC {host}:{grpc_port} · "
+            f"{embedded.describe()} · data in {settings.data_dir}"
+        )
+        platform = Platform(settings)
+        platform.launched_at = launched
+        run(platform)
     except KeyboardInterrupt:
         pass
     finally:
         run_file.unlink(missing_ok=True)
-        if tansu:
-            tansu.stop()
+        embedded.stop()
         console.print("Distillery stopped.")
 
 

