@@ -36,7 +36,7 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("api", "ingest", "router", "relabel", "judge")
+SERVICES = ("api", "ingest", "router", "relabel", "judge", "eval")
 Hook = Callable[[], Awaitable[None]]
 
 

@@ -7,7 +7,7 @@ Registered in a project as the external provider ``judge`` so its models route a
   ``[score=x]`` marker in the prompt (0.5 without one); ``[refuse]`` → a refusal; ``[garbage]`` →
   text that is not JSON;
 - named ``label_model``: the label from a ``[label=x]`` marker;
-- a head-to-head prompt (``<output_a>``/``<output_b>``): the output with more ``!`` wins, equal → TIE;
+- a head-to-head prompt (``<output_a>``/``<output_b>``): the shorter output wins, equal length → TIE;
 - anything else: ``Answer to: <last user text>`` (a model under evaluation), or, for a model name
   ending ``-echo``, the dataset's expected answer marker ``[expect=...]``;
 - ``POST /v1/embeddings``: a 26-dim letter-count vector per input (cosine is hand-computable).
@@ -95,9 +95,12 @@ def judge_answer(body: dict[str, Any]) -> dict[str, Any]:
     a = re.search(r"<output_a>(.*?)</output_a>", prompt, re.S)
     b = re.search(r"<output_b>(.*?)</output_b>", prompt, re.S)
     if a and b:
-        score_a, score_b = a.group(1).count("!"), b.group(1).count("!")
-        winner = "A" if score_a > score_b else "B" if score_b > score_a else "TIE"
-        verdict = {"explanation": f"A has {score_a} '!', B has {score_b}", "winner": winner}
+        size_a, size_b = len(a.group(1)), len(b.group(1))
+        winner = "A" if size_a < size_b else "B" if size_b < size_a else "TIE"
+        verdict = {
+            "explanation": f"A has {size_a} characters, B has {size_b}: shorter wins",
+            "winner": winner,
+        }
         return _completion(model, orjson.dumps(verdict).decode())
     user = _last_user(messages)
     if model.endswith("-echo"):

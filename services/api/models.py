@@ -16,10 +16,16 @@ from services.api.datasets.models import (
     DatasetSnapshot,
     PruningRule,
 )
+from services.api.evals.models import Eval, EvalAppliedEvent, EvalOutputRecord, EvalResult, EvalRowOutput
 from services.api.projects.models import ApiKey, Project
 from services.api.providers.models import Deployment, ExternalModel, ExternalProvider, ProviderKeys
 
 __all__ = [
+    "Eval",
+    "EvalAppliedEvent",
+    "EvalOutputRecord",
+    "EvalResult",
+    "EvalRowOutput",
     "AlignmentJob",
     "AlignmentJudgement",
     "AlignmentRow",

@@ -219,3 +219,91 @@ class JudgementEvent(BaseModel):
     cost_usd: float | None = None
     latency_ms: int = 0
     created_at: int = Field(description="unix ms")
+
+
+EVAL_REQUESTS_TOPIC = "eval.requests.v1"
+EVAL_EVENTS_TOPIC = "eval.events.v1"
+EVAL_KIND = "eval"  # catalog.v1 record: id = eval id, data = {"status"}; a cancelled/deleted eval's work stops
+
+
+class EvalEvaluator(BaseModel):
+    """One evaluator of an eval: ``code`` (a sandboxed grader function), ``criterion`` (the judge),
+    ``head_to_head`` (every pair of models per row) or ``grader`` (an OpenAI grader object)."""
+
+    type: Literal["code", "criterion", "head_to_head", "grader"]
+    name: str
+    source: str | None = None
+    criterion: str | None = None
+    judge_model: str | None = None
+    instructions: str | None = None
+    grader: dict[str, Any] | None = None
+
+
+class EvalRow(BaseModel):
+    """One dataset entry to evaluate: its input, its own output ("original") and, per model, the
+    key under which that model's output is stored, with the output when it already exists."""
+
+    entry_id: str
+    input: dict[str, Any] = Field(description="messages (without the answer), tools, tool_choice, ...")
+    expected: dict[str, Any] = Field(description="the dataset's output message")
+    metadata: dict[str, str] = Field(default_factory=dict)
+    output_keys: dict[str, str] = Field(default_factory=dict, description="model -> output key")
+    known_outputs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="model -> stored output (generated once, reused)"
+    )
+
+
+class EvalRequest(BaseModel):
+    """A batch of one eval's rows, on ``eval.requests.v1`` (key: eval id)."""
+
+    request_id: str = Field(description="stable: eval id and batch number")
+    eval_id: str
+    project_id: str
+    models: list[str]
+    evaluators: list[EvalEvaluator]
+    rows: list[EvalRow]
+    generation: dict[str, Any] = Field(default_factory=dict, description="settings, e.g. temperature")
+
+
+class EvalOutput(BaseModel):
+    model: str
+    output_key: str = ""
+    output: dict[str, Any] | None = None
+    error: str | None = None
+    reused: bool = False
+    latency_ms: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+
+
+class EvalScore(BaseModel):
+    """One evaluator's verdict on one model's output (``opponent`` set: a head-to-head pair)."""
+
+    evaluator: str
+    model: str
+    opponent: str = ""
+    score: float | None = None
+    winner: str | None = Field(None, description="head-to-head: the winning model, or 'tie'")
+    explanation: str | None = None
+    error: str | None = None
+    judge_calls: int = 0
+    cost_usd: float | None = None
+
+
+class EvalEvent(BaseModel):
+    """One row's outputs and scores, or a status change, on ``eval.events.v1`` (key: eval id).
+
+    ``event_id`` is stable (eval id + entry id for rows) so the api applies each once.
+    """
+
+    event_id: str
+    eval_id: str
+    project_id: str
+    type: Literal["row", "status"]
+    entry_id: str | None = None
+    outputs: list[EvalOutput] = Field(default_factory=list)
+    scores: list[EvalScore] = Field(default_factory=list)
+    status: Literal["running", "failed"] | None = None
+    message: str = ""
+    created_at: int = Field(0, description="unix ms")

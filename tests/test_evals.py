@@ -1,0 +1,356 @@
+"""Evals end to end: api → eval.requests.v1 → eval worker (router over gRPC, sandbox, fake judge at
+the HTTP boundary) → eval.events.v1 → api; results, rows, matrix, exports, chart, cancel, delete."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.common.events import EVAL_EVENTS_TOPIC, EvalEvent, EvalScore
+from tests.conftest import Project, wait_until
+from tests.helpers_eval import FakeJudge, register_judge, start_fake_judge
+
+EXACT_MATCH = """
+def exact_tool_calls_match(calls1, calls2):
+    if not calls1 and not calls2:
+        return True
+    if not calls1 or not calls2 or len(calls1) != len(calls2):
+        return False
+    return all(
+        a["function"]["name"] == b["function"]["name"]
+        and a["function"]["arguments"] == b["function"]["arguments"]
+        for a, b in zip(calls1, calls2)
+    )
+
+
+def grader(messages, tools, tool_choice, generated_output, dataset_output):
+    if not exact_tool_calls_match(generated_output["tool_calls"], dataset_output["tool_calls"]):
+        return 0.0
+    if generated_output["content"] != dataset_output["content"]:
+        return 0.0
+    return 1.0
+"""
+ECHO = "openpipe:judge/student-echo"
+OTHER = "openpipe:judge/base-model"
+JUDGE = "openpipe:judge/h2h-judge"
+N = 6
+
+
+@pytest.fixture(scope="module")
+async def judge() -> AsyncIterator[FakeJudge]:
+    fake, server, task = await start_fake_judge()
+    yield fake
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture
+async def judged(project: Project, judge: FakeJudge) -> Project:
+    async with project.client() as http:
+        await register_judge(http, judge)
+    return project
+
+
+def entry(i: int, split: str = "TEST") -> dict:
+    answer = str(2 * i)
+    return {
+        "messages": [
+            {"role": "system", "content": "Add."},
+            {"role": "user", "content": f"What is {i}+{i}? [expect={answer}]"},
+            {"role": "assistant", "content": answer},
+        ],
+        "split": split,
+    }
+
+
+async def make_dataset(http, count: int = N) -> str:  # type: ignore[no-untyped-def]
+    dataset = (await http.post("/datasets", json={"name": "eval me"})).json()
+    rows = [entry(i) for i in range(count)] + [entry(100 + i, "TRAIN") for i in range(3)]
+    created = await http.post(f"/datasets/{dataset['id']}/entries", json={"entries": rows})
+    assert created.json()["entries_created"] == len(rows), created.text
+    return dataset["id"]
+
+
+def eval_body(dataset_id: str, **extra: object) -> dict:
+    return {
+        "name": "student vs base",
+        "datasetId": dataset_id,
+        "models": ["original", ECHO, OTHER],
+        "evaluators": [
+            {"type": "code", "name": "exact", "source": EXACT_MATCH},
+            {
+                "type": "grader",
+                "grader": {
+                    "type": "string_check",
+                    "name": "contains-answer",
+                    "input": "{{sample.output_text}}",
+                    "reference": "{{item.output_text}}",
+                    "operation": "like",
+                },
+            },
+            {"type": "head_to_head", "judgeModel": JUDGE, "instructions": "Prefer the concise answer."},
+        ],
+        **extra,
+    }
+
+
+async def wait_for_eval(http, eval_id: str, statuses=("succeeded", "failed", "cancelled")) -> dict:  # type: ignore[no-untyped-def]
+    found: dict = {}
+
+    async def finished() -> bool:
+        nonlocal found
+        found = (await http.get(f"/evals/{eval_id}")).json()
+        return found["status"] in statuses
+
+    await wait_until(finished, timeout=60, what=f"eval {eval_id}")
+    return found
+
+
+async def test_code_grader_and_head_to_head_eval(judged: Project, judge: FakeJudge) -> None:
+    async with judged.client() as http:
+        dataset_id = await make_dataset(http)
+        estimate = (await http.post("/evals/estimate", json=eval_body(dataset_id))).json()["estimatedCost"]
+        assert estimate["entries"] == N and estimate["headToHeadComparisons"] == N * 3
+        assert estimate["generationCalls"] == 2 * N and estimate["judgeCalls"] == N * 3
+
+        judge_requests_before = len(judge.requests)
+        started = await http.post("/evals", json=eval_body(dataset_id))
+        assert started.status_code == 202, started.text
+        body = started.json()
+        assert body["object"] == "eval" and body["status"] == "queued"
+        assert body["progress"] == {"done": 0, "total": N} and body["estimatedCost"] == estimate
+        done = await wait_for_eval(http, body["id"])
+        assert done["status"] == "succeeded" and done["progress"] == {"done": N, "total": N}
+
+        results = (await http.get(f"/evals/{body['id']}/results")).json()["data"]
+        by = {(r["evaluator"], r["model"]): r for r in results}
+        assert by[("exact", "original")]["score"] == 1.0 and by[("exact", ECHO)]["score"] == 1.0
+        assert by[("exact", OTHER)]["score"] == 0.0 and by[("exact", OTHER)]["passRate"] == 0.0
+        assert by[("contains-answer", OTHER)]["score"] == 1.0  # "Answer to: ... [expect=4]" contains "4"
+        h2h = {m: by[("head_to_head", m)] for m in ("original", ECHO, OTHER)}
+        assert h2h["original"]["winRate"] == pytest.approx(0.75) and h2h[ECHO]["winRate"] == pytest.approx(
+            0.75
+        )
+        assert h2h[OTHER]["winRate"] == 0.0 and h2h[OTHER]["losses"] == 2 * N
+        assert h2h["original"]["ties"] == N  # original and the echo model gave identical outputs
+        # Identical outputs tie without a judge call: only pairs with the other model reach the judge
+        # (and the router's response cache answers a question asked twice).
+        asked = [r for r in judge.requests[judge_requests_before:] if r.get("model") == "h2h-judge"]
+        assert 0 < len(asked) <= 2 * N
+        assert all("Answer to" in r["messages"][1]["content"] for r in asked)
+        assert all("Prefer the concise answer." in r["messages"][0]["content"] for r in asked)
+        orders = {"<output_a>Answer to" in r["messages"][1]["content"] for r in asked}
+        assert orders == {True, False}  # the order is randomized per row and pair
+        assert [r["evaluator"] for r in results[:3]] == ["exact"] * 3 and results[2]["model"] == OTHER
+
+        matrix = (await http.get(f"/evals/{body['id']}/matrix")).json()
+        assert matrix["winRates"]["original"][OTHER] == 1.0 and matrix["winRates"][OTHER]["original"] == 0.0
+        assert matrix["winRates"]["original"][ECHO] == 0.5 and matrix["winRates"][ECHO][ECHO] is None
+        assert matrix["counts"]["original"][OTHER] == {"wins": N, "losses": 0, "ties": 0}
+
+        page = (
+            await http.get(f"/evals/{body['id']}/rows", params={"evaluator": "head_to_head", "limit": 4})
+        ).json()
+        assert len(page["data"]) == 4 and page["hasMore"]
+        rest = (
+            await http.get(
+                f"/evals/{body['id']}/rows",
+                params={"evaluator": "head_to_head", "limit": 100, "cursor": page["nextCursor"]},
+            )
+        ).json()
+        assert len(page["data"]) + len(rest["data"]) == 3 * N and not rest["hasMore"]
+        judged_row = next(
+            r for r in page["data"] + rest["data"] if r["opponent"] == OTHER and r["model"] == "original"
+        )
+        assert judged_row["winner"] == "original" and "shorter wins" in judged_row["explanation"]
+        assert judged_row["output"]["content"] and judged_row["opponentOutput"]["content"].startswith(
+            "Answer to"
+        )
+        mine = (
+            await http.get(f"/evals/{body['id']}/rows", params={"model": OTHER, "evaluator": "exact"})
+        ).json()
+        assert len(mine["data"]) == N and all(r["score"] == 0.0 for r in mine["data"])
+
+        jsonl = await http.get(f"/evals/{body['id']}/export", params={"format": "jsonl"})
+        assert jsonl.headers["content-type"].startswith("application/x-ndjson")
+        assert len(jsonl.text.strip().splitlines()) == 3 * N + 2 * 3 * N
+        exported = list(
+            csv.DictReader(io.StringIO((await http.get(f"/evals/{body['id']}/export?format=csv")).text))
+        )
+        assert len(exported) == 3 * N + 2 * 3 * N and {"entryId", "score", "winner"} <= set(exported[0])
+        assert (await http.get(f"/evals/{body['id']}/export?format=xml")).status_code == 400
+        chart = await http.get(f"/evals/{body['id']}/chart.png")
+        assert chart.headers["content-type"] == "image/png" and chart.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+        # Outputs are generated once per (model, input, settings): a second eval reuses them all.
+        generated_before = judge.calls["student-echo"] + judge.calls["base-model"]
+        again = (await http.post("/evals", json={**eval_body(dataset_id), "name": "again"})).json()
+        assert (
+            again["estimatedCost"]["generationCalls"] == 0
+            and again["estimatedCost"]["reusedOutputs"] == 2 * N
+        )
+        assert (await wait_for_eval(http, again["id"]))["status"] == "succeeded"
+        assert judge.calls["student-echo"] + judge.calls["base-model"] == generated_before
+        listed = (await http.get("/evals")).json()
+        assert {e["id"] for e in listed["data"]} >= {body["id"], again["id"]}
+
+
+async def test_score_model_grader_sample_and_failing_generations(judged: Project) -> None:
+    async with judged.client() as http:
+        dataset_id = await make_dataset(http, count=8)
+        body = {
+            "name": "scored",
+            "datasetId": dataset_id,
+            "sample": 5,
+            "models": ["original", "openpipe:judge/second", "openpipe:nobody/x"],
+            "evaluators": [
+                {
+                    "type": "grader",
+                    "grader": {
+                        "type": "score_model",
+                        "name": "quality",
+                        "model": "openpipe:judge/grader",
+                        "input": [{"role": "user", "content": "Rate: {{sample.output_text}} [score=0.8]"}],
+                    },
+                },
+                {"type": "code", "name": "raises", "source": "def grader(*args):\n    raise KeyError('x')\n"},
+            ],
+        }
+        started = (await http.post("/evals", json=body)).json()
+        done = await wait_for_eval(http, started["id"])
+        assert done["status"] == "succeeded" and done["progress"]["total"] == 5
+        results = {
+            (r["evaluator"], r["model"]): r
+            for r in (await http.get(f"/evals/{started['id']}/results")).json()["data"]
+        }
+        assert results[("quality", "original")]["score"] == pytest.approx(0.8)
+        assert (
+            results[("raises", "original")]["errors"] == 5
+            and results[("raises", "original")]["score"] is None
+        )
+        unroutable = results[("quality", "openpipe:nobody/x")]
+        assert unroutable["errors"] == 5 and unroutable["generationErrors"] == 5
+        rows = (
+            await http.get(f"/evals/{started['id']}/rows", params={"evaluator": "raises", "errors": "true"})
+        ).json()
+        assert len(rows["data"]) == 15
+        for row in rows["data"]:
+            expected = "no output:" if row["model"] == "openpipe:nobody/x" else "KeyError: 'x' (line 2)"
+            assert expected in row["error"], row
+        nobody = (
+            await http.get(f"/evals/{started['id']}/rows", params={"model": "openpipe:nobody/x"})
+        ).json()
+        assert all(r["error"].startswith("no output:") for r in nobody["data"])
+
+
+async def test_events_apply_once_and_cancel_and_delete(judged: Project, running) -> None:  # type: ignore[no-untyped-def]
+    async with judged.client() as http:
+        dataset_id = await make_dataset(http)
+        body = eval_body(dataset_id, models=["original", "openpipe:judge/slow-model"])
+        body["evaluators"] = body["evaluators"][:1]
+        started = (await http.post("/evals", json=body)).json()
+        # A duplicate delivery of a row's event is applied once.
+        event = EvalEvent(
+            event_id=f"{started['id']}:dup-entry",
+            eval_id=started["id"],
+            project_id=judged.id,
+            type="row",
+            entry_id="dup-entry",
+            scores=[EvalScore(evaluator="exact", model="original", score=1.0)],
+        )
+        for _ in range(2):
+            await running.platform.broker.publish(
+                event.model_dump(mode="json"), EVAL_EVENTS_TOPIC, key=started["id"].encode()
+            )
+        await wait_until(
+            lambda: _rows_for(http, started["id"], "dup-entry"),
+            timeout=20,
+            what="the duplicate event applied",
+        )
+        cancelled = await http.post(f"/evals/{started['id']}/cancel")
+        if cancelled.status_code == 200:
+            assert cancelled.json()["status"] == "cancelled"
+            again = await http.post(f"/evals/{started['id']}/cancel")
+            assert again.status_code == 409
+        else:  # it finished first
+            assert cancelled.status_code == 409
+        state = (await http.get(f"/evals/{started['id']}")).json()
+        assert state["progress"]["done"] <= state["progress"]["total"] + 1
+        deleted = await http.delete(f"/evals/{started['id']}")
+        assert deleted.json() == {"id": started["id"], "object": "eval", "deleted": True}
+        assert (await http.get(f"/evals/{started['id']}")).status_code == 404
+
+
+async def _rows_for(http, eval_id: str, entry_id: str) -> bool:  # type: ignore[no-untyped-def]
+    rows = (await http.get(f"/evals/{eval_id}/rows", params={"limit": 1000})).json()["data"]
+    matching = [r for r in rows if r["entryId"] == entry_id]
+    return len(matching) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        (
+            {"models": ["original"], "evaluators": [{"type": "head_to_head", "judgeModel": "m"}]},
+            "head_to_head",
+        ),
+        ({"evaluators": [{"type": "code", "name": "c", "source": "def grader(:"}]}, "source"),
+        ({"evaluators": [{"type": "code", "name": "c", "source": "x = 1"}]}, "source"),
+        ({"evaluators": [{"type": "sql"}]}, "evaluators"),
+        ({"evaluators": []}, "evaluators"),
+        ({"models": []}, "models"),
+        ({"models": ["a", "a"]}, "repeat"),
+        ({"split": "VALID"}, "split"),
+        ({"sample": 0}, "sample"),
+        ({"datasetId": None}, "datasetId"),
+        (
+            {
+                "evaluators": [
+                    {
+                        "type": "grader",
+                        "grader": {
+                            "type": "string_check",
+                            "name": "x",
+                            "input": "{{bad.x}}",
+                            "reference": "",
+                            "operation": "eq",
+                        },
+                    }
+                ]
+            },
+            "grader",
+        ),
+    ],
+)
+async def test_bad_eval_definitions_are_400s(judged: Project, change: dict, param: str) -> None:
+    async with judged.client() as http:
+        dataset_id = await make_dataset(http, count=1)
+        response = await http.post("/evals", json={**eval_body(dataset_id), **change})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert param in (error["param"] or "") or param in error["message"], error
+
+
+async def test_unknown_ids_and_other_projects(judged: Project, make_project) -> None:  # type: ignore[no-untyped-def]
+    async with judged.client() as http:
+        dataset_id = await make_dataset(http, count=1)
+        missing = await http.post("/evals", json={**eval_body("ds_nope"), "datasetId": "ds_nope"})
+        assert missing.status_code == 404
+        empty = (await http.post("/datasets", json={"name": "empty"})).json()
+        assert (await http.post("/evals", json=eval_body(empty["id"]))).status_code == 400
+        started = (await http.post("/evals", json=eval_body(dataset_id))).json()
+        assert (await http.get("/evals/eval_nope")).status_code == 404
+        bad_cursor = await http.get(f"/evals/{started['id']}/rows", params={"cursor": "!!"})
+        assert bad_cursor.status_code == 400
+    other = await make_project()
+    async with other.client() as http:
+        for path in ("", "/results", "/rows", "/matrix", "/export", "/chart.png"):
+            assert (await http.get(f"/evals/{started['id']}{path}")).status_code == 404, path
+        assert (await http.post(f"/evals/{started['id']}/cancel")).status_code == 404
+        assert (await http.delete(f"/evals/{started['id']}")).status_code == 404
+        assert (await http.post("/evals", json=eval_body(dataset_id))).status_code == 404
+    assert math.isfinite(1.0)
