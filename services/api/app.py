@@ -68,7 +68,7 @@ async def setup(platform: Platform) -> None:
     setup_criteria(platform)  # criteria, alignment sets, judgements.v1 consumer
     platform.routers.append(fine_tuning_router)
     register_events_consumer(platform.broker, sessions, settings)
-    setup_evals(platform)  # graders and evals routes, eval.events.v1 consumer
+    setup_evals(platform, sessions)  # graders and evals routes, eval.events.v1 consumer
     # JSONL upload, export and snapshots go through the blob store (file:// or S3).
     platform.state["blobs"] = platform.blobs
     platform.state["settings"] = settings
