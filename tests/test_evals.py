@@ -12,6 +12,7 @@ import pytest
 
 from services.common.events import EVAL_EVENTS_TOPIC, EvalEvent, EvalScore
 from tests.conftest import Project, wait_until
+from tests.fake_judge import create_criterion, fake_judge, use_fake_judge  # noqa: F401
 from tests.helpers_eval import FakeJudge, register_judge, start_fake_judge
 
 EXACT_MATCH = """
@@ -354,3 +355,48 @@ async def test_unknown_ids_and_other_projects(judged: Project, make_project) -> 
         assert (await http.delete(f"/evals/{started['id']}")).status_code == 404
         assert (await http.post("/evals", json=eval_body(dataset_id))).status_code == 404
     assert math.isfinite(1.0)
+
+
+async def test_criterion_eval_through_the_judge(project: Project, fake_judge) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    async with project.client() as http:
+        await use_fake_judge(http, fake_judge)
+        await create_criterion(http, "no-mistakes")
+        dataset = (await http.post("/datasets", json={"name": "criterion"})).json()
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": f"question {i}"},
+                    {"role": "assistant", "content": f"answer {i}" + (" [bad]" if i % 2 else "")},
+                ],
+                "split": "TEST",
+            }
+            for i in range(4)
+        ]
+        await http.post(f"/datasets/{dataset['id']}/entries", json={"entries": rows})
+        body = {
+            "name": "criterion eval",
+            "datasetId": dataset["id"],
+            "models": ["original"],
+            "evaluators": [
+                {"type": "criterion", "criterion": "no-mistakes"},
+                {"type": "criterion", "criterion": "no-such-criterion"},
+            ],
+        }
+        started = (await http.post("/evals", json=body)).json()
+        assert started["estimatedCost"]["judgeCalls"] == 8
+        assert (await wait_for_eval(http, started["id"]))["status"] == "succeeded"
+        results = {
+            r["evaluator"]: r for r in (await http.get(f"/evals/{started['id']}/results")).json()["data"]
+        }
+        assert results["no-mistakes"]["passRate"] == 0.5 and results["no-mistakes"]["errors"] == 0
+        assert results["no-such-criterion"]["errors"] == 4
+        judged_rows = (
+            await http.get(f"/evals/{started['id']}/rows", params={"evaluator": "no-mistakes"})
+        ).json()
+        assert all(r["explanation"] for r in judged_rows["data"])
+        failed = [r for r in judged_rows["data"] if r["score"] == 0.0]
+        assert len(failed) == 2 and all("[bad]" in r["output"]["content"] for r in failed)
+        unknown = (
+            await http.get(f"/evals/{started['id']}/rows", params={"evaluator": "no-such-criterion"})
+        ).json()
+        assert all("no-such-criterion" in r["error"] for r in unknown["data"]), unknown["data"][0]
