@@ -8,8 +8,9 @@ the shared fake upstream. What it answers:
   ``STRICT``, also ``[meh]``), else PASS.
 - a request with ``record_preference``: the winner is the output without ``[bad]`` (TIE if both
   or neither have it).
-- anything else (generation): ``n`` choices ``candidate <k>``; every second one carries
-  ``[bad]``, so best-of-N has something to sort and preference data something to reject.
+- anything else (generation): ``n`` choices ``candidate <k>`` (k counts calls per prompt);
+  every second one carries ``[bad]``, so best-of-N has something to sort and preference data
+  something to reject.
 
 Model scenarios: ``judge-malformed`` (arguments never valid JSON), ``judge-malformed-once``
 (malformed until the judge's retry hint arrives), ``judge-content`` (the verdict as JSON
@@ -40,7 +41,6 @@ class FakeJudge:
     latency: float = 0.0
     calls: Counter = field(default_factory=Counter)
     requests: list[dict[str, Any]] = field(default_factory=list)
-    generated: int = 0
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -147,10 +147,10 @@ def build_app(fake: FakeJudge) -> FastAPI:
             if tool in tools:
                 return JSONResponse(_judge(model, body, tool))
         choices = []
+        base = fake.calls[(model, row)]  # per prompt, so concurrent rows each get a mix
         for index in range(body.get("n") or 1):
-            k = fake.generated
-            fake.generated += 1
-            text = f"candidate {k}" + (" [bad]" if k % 2 else "")
+            k = base + index
+            text = f"candidate {k}" + (" [bad]" if k % 2 == 0 else "")
             choices.append(
                 {
                     "index": index,

@@ -7,7 +7,6 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -37,6 +36,7 @@ from services.api.datasets.rows import EntryError, parse_entry
 from services.api.datasets.service import iso, new_id, now
 from services.common.errors import APIError
 from services.common.events import CRITERION_KIND, CatalogRecord, JudgementEvent
+from services.common.http import loads_json
 from services.judge.criteria import criterion_not_found, parse_criterion_id
 
 MIN_LABELLED = 30
@@ -293,15 +293,15 @@ def add_jsonl_rows(
         if not line.strip():
             continue
         try:
-            row = orjson.loads(line)
+            row = loads_json(line)
             if not isinstance(row, dict):
                 raise EntryError("each line must be a JSON object")
             label = row.pop("judgement", None)
             if label is not None and label not in JUDGEMENTS:
                 raise EntryError("judgement must be 'PASS' or 'FAIL' when present")
             draft = parse_entry(row)
-        except orjson.JSONDecodeError as exc:
-            errors.append({"line": number, "message": f"not valid JSON: {exc}"})
+        except APIError as exc:
+            errors.append({"line": number, "message": exc.message})
             continue
         except EntryError as exc:
             errors.append({"line": number, "message": str(exc)})

@@ -40,6 +40,7 @@ from services.common.auth import require_project
 from services.common.errors import APIError, bad_request
 
 router = APIRouter(tags=["criteria"])
+UPLOAD_PATH = "/criteria/{name}/alignment-set/upload"
 
 NamePath = Annotated[str, Path(min_length=1, max_length=120)]
 MAX_JSONL_BYTES = 10 * 1024 * 1024
@@ -176,7 +177,7 @@ async def import_from_dataset(
 
 
 @router.post(
-    "/criteria/{name}/alignment-set/upload",
+    UPLOAD_PATH,
     response_model=ImportResult,
     status_code=201,
     response_model_exclude_none=True,
@@ -189,12 +190,14 @@ async def import_jsonl(
 ) -> ImportResult:
     """The body is JSONL (at most 10 MB): OpenAI fine-tuning rows plus an optional ``judgement``
     (PASS | FAIL) each. Bad lines are reported by line number; the others are imported."""
-    body = await request.body()
-    if len(body) > MAX_JSONL_BYTES:
-        raise APIError(413, "Alignment set uploads are limited to 10 MB.", code="payload_too_large")
+    body = bytearray()
+    async for chunk in request.stream():  # exempt from the JSON body limit: capped here instead
+        body += chunk
+        if len(body) > MAX_JSONL_BYTES:
+            raise APIError(413, "Alignment set uploads are limited to 10 MB.", code="request_too_large")
     async with request.app.state.sessions.begin() as session:
         criterion = await service.get_criterion(session=session, project_id=project_id, name=name)
-        imported, errors = service.add_jsonl_rows(session, criterion, body)
+        imported, errors = service.add_jsonl_rows(session, criterion, bytes(body))
         if not imported and errors:
             raise bad_request(
                 f"No row could be imported; line {errors[0]['line']}: {errors[0]['message']}", param="body"
@@ -202,9 +205,7 @@ async def import_jsonl(
     return ImportResult(imported=imported, errors=errors)
 
 
-@router.get(
-    "/criteria/{name}/alignment-set", response_model=AlignmentSetOut, response_model_exclude_none=True
-)
+@router.get("/criteria/{name}/alignment-set", response_model=AlignmentSetOut)
 async def get_alignment_set(
     name: NamePath,
     request: Request,
@@ -227,11 +228,7 @@ async def get_alignment_set(
     )
 
 
-@router.put(
-    "/criteria/{name}/alignment-set/rows/{row_id}",
-    response_model=AlignmentRowOut,
-    response_model_exclude_none=True,
-)
+@router.put("/criteria/{name}/alignment-set/rows/{row_id}", response_model=AlignmentRowOut)
 async def label_row(
     name: NamePath,
     row_id: str,

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 from services.api.criteria import service
 from services.api.criteria.consumers import register_judgements_consumer
 from services.api.criteria.jobs import Workers
-from services.api.criteria.views import router
+from services.api.criteria.views import UPLOAD_PATH, router
 from services.api.providers.service import publish
+from services.common.http import API_PREFIX, exempt_from_body_limit
 from services.common.secrets import internal_token
 from services.judge.client import JudgeClient
 from services.judge.criteria import catalog_sync
@@ -36,6 +37,7 @@ def setup_criteria(platform: Platform) -> None:
     # router's projections when they share the process) have applied it: read your writes.
     platform.state["criteria_catalog_sync"] = catalog_sync(platform.catalog)
     platform.routers.append(router)
+    exempt_from_body_limit(platform.app, "POST", API_PREFIX + UPLOAD_PATH)  # JSONL, not JSON; 10 MB cap
     register_judgements_consumer(platform.broker, sessions, settings)
 
     async def publish_criteria() -> None:
