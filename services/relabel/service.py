@@ -9,6 +9,7 @@ import random
 import grpc
 import orjson
 
+from services.common import tracing
 from services.common.auth import INTERNAL_TOKEN_HEADER, PROJECT_HEADER
 from services.common.events import RelabelItem, RelabelRequest, RelabelResult
 from services.common.grpc.distillery.v1 import inference_pb2, inference_pb2_grpc
@@ -31,7 +32,7 @@ class InferenceClient:
     """The router's gRPC ``Inference``, called as an internal service on a project's behalf."""
 
     def __init__(self, target: str, internal_token: str, *, timeout: float = 300.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = grpc.aio.insecure_channel(target, interceptors=[tracing.ClientTracing()])
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._token = internal_token
         self.timeout = timeout

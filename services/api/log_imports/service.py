@@ -43,6 +43,7 @@ from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
 from services.api.datasets.rows import EntryDraft, EntryError, parse_entry
 from services.api.datasets.service import draft_values, entry_ids, get_dataset, now
 from services.api.log_imports.models import JOB_KIND, SOURCE, ImportFilters, ImportLogsRequest
+from services.common import tracing
 from services.common.auth import INTERNAL_TOKEN_HEADER, PROJECT_HEADER
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
 
@@ -83,6 +84,7 @@ class LogImporter:
     def channel(self) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(
             self.address,
+            interceptors=[tracing.ClientTracing()],
             options=[
                 ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
