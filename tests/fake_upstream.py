@@ -28,6 +28,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from tests import fake_openai_fine_tuning
+
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
 OPENAI_KEY = "sk-test-openai-0123456789"
 ANTHROPIC_KEY = "sk-ant-test-0123456789"
@@ -240,6 +242,7 @@ def build_app(fake: FakeUpstream) -> FastAPI:
             fixture("gemini_response_function_call.json" if has_tools else "gemini_response_text.json")
         )
 
+    fake_openai_fine_tuning.install(app)  # /v1/files and /v1/fine_tuning/jobs
     return app
 
 

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.fine_tuning.models import TrainingJob
 from services.api.fine_tuning.schemas import TERMINAL_JOB_STATUSES
+from services.api.fine_tuning.service import lock_job
 from services.api.providers.models import ProviderKeys
 from services.common.errors import bad_request
 from services.common.events import TRAINING_EVENTS_TOPIC, TrainingEvent
@@ -213,7 +214,7 @@ class OpenAIRun:
             )
         upstream_id = created.json()["id"]
         async with self.state.sessions.begin() as session:
-            row = await session.get(TrainingJob, job.id, with_for_update=True)
+            row = await lock_job(session, job.id)
             row.upstream_job_id = upstream_id
         await self.publish(job, "message", message=f"Created OpenAI fine-tuning job {upstream_id}.")
         return upstream_id

@@ -38,7 +38,7 @@ from typing import Any
 
 from faststream.kafka import KafkaBroker
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Text, and_, cast, func, select
+from sqlalchemy import Text, and_, cast, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -721,8 +721,23 @@ async def send_request(
 # --- steering a run ----------------------------------------------------------------------------
 
 
+async def lock_job(session: AsyncSession, job_id: str) -> TrainingJob | None:
+    """The job, holding its write lock until the transaction ends.
+
+    A no-op UPDATE first: it takes the row lock on Postgres and the write lock on SQLite (where a
+    plain read would not), so an event and a cancel never both act on the same old status.
+    """
+    await session.execute(
+        update(TrainingJob)
+        .where(TrainingJob.id == job_id)
+        .values(updated_at=TrainingJob.updated_at)
+        .execution_options(synchronize_session=False)
+    )
+    return await session.get(TrainingJob, job_id, populate_existing=True)
+
+
 async def get_job(*, session: AsyncSession, project_id: str, job_id: str, lock: bool = False) -> TrainingJob:
-    job = await session.get(TrainingJob, job_id, with_for_update=lock)
+    job = await lock_job(session, job_id) if lock else await session.get(TrainingJob, job_id)
     if job is None or job.project_id != project_id:
         raise not_found(f"No fine-tuning job with id {job_id!r} in this project.", param="fine_tuning_job_id")
     return job
@@ -808,7 +823,7 @@ async def delete_model(
 ) -> list[CatalogRecord]:
     """Delete the Model (its job stays for the record); a run still in flight is cancelled."""
     model = await get_model(session=session, project_id=project_id, slug=slug)
-    job = await session.get(TrainingJob, model.job_id, with_for_update=True) if model.job_id else None
+    job = await lock_job(session, model.job_id) if model.job_id else None
     if job is not None and job.status not in TERMINAL_JOB_STATUSES:
         job.status = "cancelled"
         job.finished_at = int(time.time())
@@ -850,7 +865,7 @@ def _estimated_finish(data: dict[str, Any], at: int) -> int | None:
 
 async def apply_event(*, session: AsyncSession, event: TrainingEvent) -> list[CatalogRecord] | None:
     """Apply one event; None when it was already applied (seq not newer than the job's last)."""
-    job = await session.get(TrainingJob, event.job_id, with_for_update=True)
+    job = await lock_job(session, event.job_id)
     if job is None:
         raise PoisonEvent(f"no training job {event.job_id!r}")
     if job.project_id != event.project_id:
