@@ -1,7 +1,8 @@
 """``relabel.requests.v1`` → new outputs on ``relabel.results.v1``, with bounded concurrency.
 
 A batch is acknowledged only after every result in it has been published; a crash
-re-delivers the batch and the api ignores results it has already applied.
+re-delivers the batch and the api ignores results it has already applied. A request that is
+not a valid ``RelabelRequest`` goes to ``relabel.requests.v1.dlq`` with the reason.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 
+from services.common.dlq import subscribe_with_dlq
 from services.common.events import RELABEL_REQUESTS_TOPIC, RELABEL_RESULTS_TOPIC, RelabelRequest
 from services.common.settings import Settings
 from services.relabel.service import InferenceClient, relabel_item
@@ -24,14 +25,13 @@ WORKER_GROUP = "relabel-workers"
 def register_relabel_worker(broker: KafkaBroker, client: InferenceClient, settings: Settings) -> None:
     slots = asyncio.Semaphore(settings.relabel_concurrency)
 
-    @broker.subscriber(
+    @subscribe_with_dlq(
+        broker,
         RELABEL_REQUESTS_TOPIC,
+        RelabelRequest,
         group_id=WORKER_GROUP,
-        auto_offset_reset="earliest",
-        heartbeat_interval_ms=settings.kafka_heartbeat_ms,
-        session_timeout_ms=settings.kafka_session_timeout_ms,
+        settings=settings,
         max_poll_interval_ms=30 * 60 * 1000,  # a batch of slow model calls may take minutes
-        ack_policy=AckPolicy.NACK_ON_ERROR,
     )
     async def relabel_batch(batch: RelabelRequest) -> None:
         async def one(item):  # type: ignore[no-untyped-def]
