@@ -8,13 +8,21 @@ TrainingRequest on ``training.requests.v1``, the Model's shape and statuses driv
 from __future__ import annotations
 
 import asyncio
+import time
 
 import openai
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from openpipe.api_client.core.api_error import ApiError
 from openpipe.client import OpenPipe
 
-from services.common.events import CATALOG_TOPIC, TRAINING_REQUESTS_TOPIC, dlq_topic
+from services.api import models as catalog_models  # noqa: F401  (every table on Base.metadata)
+from services.api.datasets.service import fine_tune_counts
+from services.api.fine_tuning import service
+from services.api.projects import service as projects
+from services.common.db import Base, make_engine, make_sessionmaker, migrate
+from services.common.events import CATALOG_TOPIC, TRAINING_REQUESTS_TOPIC, TrainingEvent, dlq_topic
 from tests.conftest import Project, RunningPlatform, wait_until
 from tests.helpers_fine_tuning import (
     ABSENT_BASE,
@@ -382,3 +390,56 @@ async def test_failure_event_sets_error_and_poison_goes_to_dlq(
 
 async def _is(get, expected: str) -> bool:  # type: ignore[no-untyped-def]
     return await get() == expected
+
+
+# --- both databases ------------------------------------------------------------------------------
+
+FINE_TUNING_TABLES = (
+    "fine_tuned_models",
+    "training_jobs",
+    "training_job_events",
+    "training_job_checkpoints",
+    "training_files",
+)
+
+
+async def test_migration_matches_the_tables_and_events_apply_on_both_databases(database_url: str) -> None:
+    await migrate(database_url)
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        async with engine.connect() as connection:
+
+            def diff(sync_connection) -> list:  # type: ignore[no-untyped-def]
+                return compare_metadata(MigrationContext.configure(sync_connection), Base.metadata)
+
+            changes = await connection.run_sync(diff)
+        assert [c for c in changes if any(t in repr(c) for t in FINE_TUNING_TABLES)] == []
+        async with sessions.begin() as session:
+            project = await projects.create_project(session=session, name="ft")
+            plan = await service.plan_for_job(
+                session=session, project_id=project.id, body=service.JobCreate(model=TINY, training_file="f")
+            )
+            start = service.Start(project.id, "db-run", "f", plan, "f", "snapshots/f.jsonl")
+            _, job = await service.start_training(session=session, broker=None, start=start)
+        succeeded = TrainingEvent(
+            event_id="e1",
+            job_id=job.id,
+            project_id=project.id,
+            seq=time.time_ns() // 1000,
+            created_at=1,
+            type="status",
+            status="succeeded",
+            artifact_uri="fine_tunes/a/",
+            trained_tokens=10,
+        )
+        for expected in ("DEPLOYED", None):  # the second delivery is a no-op
+            async with sessions.begin() as session:
+                records = await service.apply_event(session=session, event=succeeded)
+            assert (records[0].data["status"] if records else None) == expected
+        async with sessions() as session:
+            model = await service.get_model(session=session, project_id=project.id, slug="db-run")
+            counts = await fine_tune_counts(session=session, dataset_ids=["f"])
+        assert model.status == "DEPLOYED" and model.adapter_uri == "fine_tunes/a/" and counts == {"f": 1}
+    finally:
+        await engine.dispose()
