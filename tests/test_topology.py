@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import secrets
 import signal
@@ -85,7 +86,7 @@ class Topology:
     services: dict[str, Service]
     base_url: str
     chdb_path: Path
-    logs: list[Path] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
 
     def tails(self) -> str:
         parts = []
@@ -233,7 +234,12 @@ async def topology(
         service.process = spawn(service, env)
     proxy_port = free_port()
     runner = await serve_proxy(services, proxy_port)
-    topo = Topology(services, f"http://127.0.0.1:{proxy_port}/api/v1", chdb_path)
+    topo = Topology(
+        services,
+        f"http://127.0.0.1:{proxy_port}/api/v1",
+        chdb_path,
+        secrets=[shared["DISTILLERY_SECRET_KEY"], BOOTSTRAP_KEY, OPENAI_KEY],
+    )
     try:
         await wait_ready(topo)
         yield topo
@@ -351,6 +357,13 @@ async def test_sdk_flow_through_one_entry_point(topology: Topology) -> None:
     assert "distillery_router_tokens_total{" in scraped["router"]
     assert 'route="/api/v1/datasets/{dataset_id}/import-logs"' in scraped["api"]
     assert topology.chdb_path.exists()
+    # Logs are JSON lines carrying request ids, and never a secret.
+    for name, service in topology.services.items():
+        text = service.log.read_text(errors="replace")
+        for secret in topology.secrets:
+            assert secret not in text, f"{name} logged a secret"
+        records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        assert records and all(r["service"] == name and r["level"] for r in records), name
     for name, service in topology.services.items():
         if name != "ingest":
             assert not (service.data_dir / "clickhouse").exists(), f"{name} opened ClickHouse"
