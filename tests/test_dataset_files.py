@@ -204,7 +204,7 @@ async def test_bad_lines_are_reported_by_line_number(running: RunningPlatform, p
     assert [e["line"] for e in job["errors"]] == [2, 3, 4, 7, 9, 10]
     messages = {e["line"]: e["message"] for e in job["errors"]}
     assert all(message.startswith(f"line {n}: ") for n, message in messages.items())
-    assert "invalid JSON" in messages[2]
+    assert "not valid JSON" in messages[2]
     assert "the last message must be" in messages[3]
     assert "Input validation failed" in messages[4] and "metadata" in messages[4]
     assert "JSON object" in messages[7]

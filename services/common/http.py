@@ -167,16 +167,18 @@ JSON_POLICY = (
 )
 
 
-def loads_json(body: bytes) -> Any:
-    """Parse a request body under the platform's JSON policy; a 400 naming the field otherwise."""
+def loads_json(body: bytes, *, subject: str = "Request body") -> Any:
+    """Parse a request body under the platform's JSON policy; a 400 naming the field otherwise.
+
+    ``subject`` names the document in messages (say, "The line" for a line of an upload)."""
     if body.startswith(UTF8_BOM):
         body = body[len(UTF8_BOM) :]
     try:
         value = from_json(body, allow_inf_nan=False)
     except ValueError as exc:
-        raise _diagnose(body, str(exc)) from None
+        raise _diagnose(body, str(exc), subject) from None
     if not _representable(value):
-        raise _diagnose(body, "")
+        raise _diagnose(body, "", subject)
     return value
 
 
@@ -194,11 +196,11 @@ def _representable(value: Any) -> bool:
     return True
 
 
-def _diagnose(body: bytes, parser_message: str) -> APIError:
+def _diagnose(body: bytes, parser_message: str, subject: str) -> APIError:
     """Why a body broke the policy, and where: parsed again leniently to find the field."""
     if body[:4].count(0) or body[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return bad_request(
-            "Request body must be UTF-8 encoded JSON (UTF-16/UTF-32 is not accepted).",
+            f"{subject} must be UTF-8 encoded JSON (UTF-16/UTF-32 is not accepted).",
             param="body",
             code="invalid_json",
         )
@@ -206,11 +208,11 @@ def _diagnose(body: bytes, parser_message: str) -> APIError:
         lenient = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         reason = parser_message or "malformed JSON"
-        return bad_request(f"Request body is not valid JSON: {reason}", param="body", code="invalid_json")
+        return bad_request(f"{subject} is not valid JSON: {reason}", param="body", code="invalid_json")
     found = _first_problem(lenient, ())
     if found is None:  # the lenient parser disagrees (say, on an unusual escape): report the strict one
         reason = parser_message or "malformed JSON"
-        return bad_request(f"Request body is not valid JSON: {reason}", param="body", code="invalid_json")
+        return bad_request(f"{subject} is not valid JSON: {reason}", param="body", code="invalid_json")
     path, problem = found
     field = ".".join(str(p) for p in path) or "body"
     return bad_request(

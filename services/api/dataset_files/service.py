@@ -40,8 +40,8 @@ from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob, Data
 from services.api.datasets.rows import to_training_row
 from services.api.datasets.service import add_entries, get_dataset, iso, lock_dataset, new_id, now
 from services.common.blobstore import BlobStore
-from services.common.errors import bad_request
-from services.common.http import API_PREFIX
+from services.common.errors import APIError, bad_request
+from services.common.http import API_PREFIX, loads_json
 from services.common.pruning import apply_pruning_rules
 
 NDJSON = "application/x-ndjson"
@@ -258,9 +258,9 @@ def _parse_line(number: int, line: bytes | None) -> tuple[Any, dict[str, Any] | 
     if not line.strip():
         return _BLANK, None
     try:
-        return orjson.loads(line), None
-    except orjson.JSONDecodeError as exc:
-        return None, _line_error(number, f"invalid JSON at column {exc.colno}: {exc.msg}")
+        return loads_json(line, subject="The line"), None  # the JSON policy of every request body
+    except APIError as exc:
+        return None, _line_error(number, exc.message)
 
 
 async def process_upload(
