@@ -384,7 +384,7 @@ async def test_failure_event_sets_error_and_poison_goes_to_dlq(
     )
     reasons = {letter["key"]: letter["reason"] for letter in letters}
     assert (
-        "not a TrainingEvent" in reasons["poison-1"] and "no training job" in reasons["ftjob-does-not-exist"]
+        "invalid TrainingEvent" in reasons["poison-1"] and "no training job" in reasons["ftjob-does-not-exist"]
     )
 
 
