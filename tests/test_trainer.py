@@ -1,0 +1,391 @@
+"""The trainer: real LoRA training of distillery/tiny-chat in child processes, a few steps each.
+
+Unhappy inputs are checked in-process (they fail before any training); runs, crashes, restarts,
+pause/resume and cancel go through ``LocalTrainer`` with real child processes; the Kafka side
+(requests in, events out, poison to the DLQ) through a platform running only the trainer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from services.common.blobstore import BlobStore, FileBlobStore, blob_store_from_url
+from services.common.events import (
+    TRAINING_EVENTS_TOPIC,
+    TRAINING_REQUESTS_TOPIC,
+    DeadLetter,
+    TrainingEvent,
+    TrainingHyperparameters,
+    TrainingRequest,
+    dlq_topic,
+)
+from services.common.model_store import TINY_CHAT, ensure_base_model
+from services.common.settings import Settings
+from services.platform import Platform
+from services.trainer.job import Run, read_events
+from services.trainer.service import LocalTrainer, kill_child
+from tests.conftest import platform_settings, wait_until
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def sum_rows(n: int, *, rejected: bool = False, seed: int = 0) -> list[dict]:
+    rnd = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rnd.randint(0, 50), rnd.randint(0, 50)
+        row = {
+            "messages": [
+                {"role": "system", "content": "Add the numbers. PRUNE ME"},
+                {"role": "user", "content": f"{a} + {b}"},
+                {"role": "assistant", "content": str(a + b)},
+            ],
+            "split": "TRAIN",
+            "metadata": {},
+        }
+        if rejected:
+            row["rejected_message"] = {"role": "assistant", "content": str(a + b + 1)}
+        rows.append(row)
+    return rows
+
+
+async def put_snapshot(blobs: BlobStore, rows: list[dict]) -> str:
+    key = f"snapshots/ds_test/{uuid.uuid4().hex}.jsonl"
+    await blobs.put_bytes(key, b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+    return key
+
+
+def request_for(
+    snapshot: str, *, job_id: str | None = None, base: str = TINY_CHAT, **hyper: object
+) -> TrainingRequest:
+    job_id = job_id or f"ftjob-{secrets.token_hex(4)}"
+    return TrainingRequest(
+        request_id=f"{job_id}:1",
+        job_id=job_id,
+        project_id="proj_test",
+        model_slug=f"m-{job_id}",
+        base_model=base,
+        snapshot_uri=snapshot,
+        pruning_rules=["PRUNE ME"],
+        hyperparameters=TrainingHyperparameters(**{"num_epochs": 1, "batch_size": 4, **hyper}),
+        output_prefix=f"fine-tunes/proj_test/m-{job_id}/{job_id}",
+    )
+
+
+@pytest.fixture(scope="module")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("model-store")
+    ensure_base_model(TINY_CHAT, store_dir=store)
+    return store
+
+
+class Events:
+    """What a LocalTrainer published, per job, in order."""
+
+    def __init__(self) -> None:
+        self.all: list[TrainingEvent] = []
+
+    async def publish(self, event: TrainingEvent) -> None:
+        self.all.append(event)
+
+    def of(self, job_id: str) -> list[TrainingEvent]:
+        return [e for e in self.all if e.job_id == job_id]
+
+    def statuses(self, job_id: str) -> list[str]:
+        return [e.status for e in self.of(job_id) if e.type == "status" and e.status]
+
+    def has(self, job_id: str, **match: object) -> bool:
+        return any(all(getattr(e, k) == v for k, v in match.items()) for e in self.of(job_id))
+
+
+@pytest.fixture
+async def local(
+    tmp_path: Path, model_store: Path
+) -> AsyncIterator[tuple[LocalTrainer, Events, FileBlobStore]]:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    await blobs.ensure_ready()
+    settings = Settings(data_dir=tmp_path, model_store_dir=model_store)
+    events = Events()
+    trainer = LocalTrainer(settings, events.publish)
+    await trainer.start()
+    yield trainer, events, blobs
+    await trainer.stop()
+
+
+async def wait_status(events: Events, job_id: str, status: str, timeout: float = 120) -> None:
+    await wait_until(lambda: status in events.statuses(job_id), timeout=timeout, what=f"{job_id} {status}")
+
+
+# --- bad inputs: clear errors, before any training -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "base", "hyper", "code", "words"),
+    [
+        ([], TINY_CHAT, {}, "empty_dataset", "empty"),
+        (
+            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}],
+            TINY_CHAT,
+            {},
+            "no_assistant_outputs",
+            "assistant output",
+        ),
+        (sum_rows(4), "meta-llama/Llama-3.1-8B-Instruct", {}, "base_model_unavailable", "not available"),
+        (sum_rows(4), "acme/half-uploaded", {}, "base_model_unavailable", "no weights"),
+        (
+            sum_rows(4),
+            TINY_CHAT,
+            {"enable_preference_tuning": True},
+            "no_preference_rows",
+            "rejected_message",
+        ),
+        (["not json"], TINY_CHAT, {}, "invalid_training_data", "line 1 is not valid JSON"),
+    ],
+    ids=["empty", "no-assistant", "unknown-base", "weights-absent", "dpo-without-pairs", "malformed"],
+)
+async def test_bad_inputs_fail_the_run_with_a_clear_error(
+    rows: list, base: str, hyper: dict, code: str, words: str, tmp_path: Path, model_store: Path
+) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    (blobs.root / "models" / "acme" / "half-uploaded").mkdir(parents=True)
+    (blobs.root / "models" / "acme" / "half-uploaded" / "config.json").write_text("{}")
+    if rows and rows[0] == "not json":
+        key = "snapshots/bad.jsonl"
+        await blobs.put_bytes(key, b"{not json\n")
+    else:
+        key = await put_snapshot(blobs, rows)
+    run = Run(request_for(key, base=base, **hyper), tmp_path / "work", blobs=blobs, store_dir=model_store)
+    assert await asyncio.to_thread(run.execute) == "failed"
+    final = read_events(tmp_path / "work" / "events.jsonl")[-1]
+    assert final["status"] == "failed" and final["error_code"] == code and final["level"] == "error"
+    assert words in final["message"]
+    assert await blobs.list("fine-tunes/") == []
+
+
+async def test_missing_snapshot_is_a_clear_error(tmp_path: Path, model_store: Path) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    run = Run(request_for("snapshots/gone.jsonl"), tmp_path / "w", blobs=blobs, store_dir=model_store)
+    assert await asyncio.to_thread(run.execute) == "failed"
+    final = read_events(tmp_path / "w" / "events.jsonl")[-1]
+    assert final["error_code"] == "missing_input" and "snapshots/gone.jsonl" in final["message"]
+
+
+# --- real runs ------------------------------------------------------------------------------------
+
+
+def assert_adapter(keys: list[str], prefix: str) -> None:
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert f"{prefix}/adapter/{name}" in keys, keys
+    assert f"{prefix}/loss_curve.png" in keys
+    assert any(
+        k.startswith(f"{prefix}/checkpoints/") and k.endswith("adapter_model.safetensors") for k in keys
+    )
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+async def test_sft_run_uploads_adapter_checkpoints_and_loss_curve(
+    backend: str, tmp_path: Path, model_store: Path, request: pytest.FixtureRequest
+) -> None:
+    if backend == "file":
+        blob_url = f"file://{tmp_path / 'blobs'}"
+    else:
+        blob_url = f"{request.getfixturevalue('s3_url').rsplit('/', 1)[0]}/tr-{uuid.uuid4().hex[:12]}"
+    blobs = blob_store_from_url(blob_url)
+    await blobs.ensure_ready()
+    events = Events()
+    settings = Settings(data_dir=tmp_path, model_store_dir=model_store, blob_url=blob_url)
+    trainer = LocalTrainer(settings, events.publish)
+    await trainer.start()
+    try:
+        job = request_for(await put_snapshot(blobs, sum_rows(8)))
+        await trainer.handle(job)
+        await trainer.handle(job)  # a redelivered start is not a second run
+        await wait_status(events, job.job_id, "succeeded")
+    finally:
+        await trainer.stop()
+    mine = events.of(job.job_id)
+    assert [e.seq for e in mine] == list(range(len(mine)))
+    assert len({e.event_id for e in mine}) == len(mine)
+    assert events.statuses(job.job_id) == ["queued", "running", "succeeded"]
+    metrics = [e.data for e in mine if e.type == "metrics"]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["total_steps"] == 2 for m in metrics)
+    assert all(m["train_loss"] > 0 and 0 <= m["train_mean_token_accuracy"] <= 1 for m in metrics)
+    assert all(m["tokens_per_second"] > 0 for m in metrics)
+    checkpoints = [e for e in mine if e.type == "checkpoint"]
+    assert checkpoints and all(e.artifact_uri.startswith(job.output_prefix) for e in checkpoints)
+    final = mine[-1]
+    assert final.artifact_uri == f"{job.output_prefix}/adapter" and final.trained_tokens > 0
+    assert final.data["loss_curve_uri"] == f"{job.output_prefix}/loss_curve.png"
+    keys = await blobs.list(job.output_prefix)
+    assert_adapter(keys, job.output_prefix)
+    assert (await blobs.get_bytes(f"{job.output_prefix}/loss_curve.png")).startswith(b"\x89PNG")
+    config = json.loads(await blobs.get_bytes(f"{job.output_prefix}/adapter/adapter_config.json"))
+    assert config["base_model_name_or_path"] == TINY_CHAT and config["peft_type"] == "LORA"
+
+
+@pytest.mark.slow
+async def test_sft_then_dpo_continues_from_the_sft_adapter(local, tmp_path: Path) -> None:
+    trainer, events, blobs = local
+    job = request_for(await put_snapshot(blobs, sum_rows(8, rejected=True)), enable_preference_tuning=True)
+    await trainer.handle(job)
+    await wait_status(events, job.job_id, "succeeded", timeout=240)
+    phases = [e.data["phase"] for e in events.of(job.job_id) if e.type == "metrics"]
+    assert phases == ["sft", "sft", "dpo", "dpo"]
+    dpo = [e.data for e in events.of(job.job_id) if e.type == "metrics" and e.data["phase"] == "dpo"]
+    assert all(abs(m["train_loss"] - 0.693) < 0.05 for m in dpo[:1])  # starts at log(2): ref == policy
+    assert_adapter(await blobs.list(job.output_prefix), job.output_prefix)
+
+
+async def test_killed_run_resumes_from_its_checkpoint_then_a_restarted_service_finishes_it(
+    tmp_path: Path, model_store: Path
+) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    settings = Settings(data_dir=tmp_path, model_store_dir=model_store, blob_url=f"file://{blobs.root}")
+    events = Events()
+    trainer = LocalTrainer(settings, events.publish, max_attempts=3)
+    await trainer.start()
+    job = request_for(await put_snapshot(blobs, sum_rows(24)), batch_size=2)  # 12 steps, checkpoints every 3
+    await trainer.handle(job)
+    await wait_until(lambda: events.has(job.job_id, type="checkpoint"), timeout=120, what="first checkpoint")
+    kill_child(trainer.children[job.job_id])
+    await wait_until(
+        lambda: any("resuming from the last checkpoint" in e.message for e in events.of(job.job_id)),
+        timeout=30,
+        what="resume notice",
+    )
+    await wait_until(lambda: job.job_id in trainer.children, timeout=30, what="second run")
+    await trainer.stop()  # the service goes away mid-run ...
+    assert events.statuses(job.job_id)[-1] == "running"
+
+    trainer = LocalTrainer(settings, events.publish, max_attempts=3)  # ... and comes back
+    await trainer.start()
+    try:
+        await wait_status(events, job.job_id, "succeeded", timeout=180)
+    finally:
+        await trainer.stop()
+    mine = events.of(job.job_id)
+    assert [e.seq for e in mine] == list(range(len(mine)))  # relayed once each, in order
+    resumed = [e.message for e in mine if e.type == "status" and e.status == "running"]
+    assert resumed[0].startswith("Training started") and resumed[-1].startswith("Resuming training")
+    steps = [e.data["step"] for e in mine if e.type == "metrics"]
+    assert steps[-1] == 12 and len(steps) < 12 * 3  # later runs went on from checkpoints, not from step 1
+    assert_adapter(await blobs.list(job.output_prefix), job.output_prefix)
+
+
+async def test_a_run_that_keeps_dying_fails_clearly(tmp_path: Path, model_store: Path) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    settings = Settings(data_dir=tmp_path, model_store_dir=model_store, blob_url=f"file://{blobs.root}")
+    events = Events()
+    trainer = LocalTrainer(settings, events.publish, max_attempts=1)
+    await trainer.start()
+    try:
+        job = request_for(await put_snapshot(blobs, sum_rows(8)))
+        await trainer.handle(job)
+        await wait_until(lambda: job.job_id in trainer.children, timeout=30, what="run started")
+        kill_child(trainer.children[job.job_id])
+        await wait_status(events, job.job_id, "failed", timeout=30)
+    finally:
+        await trainer.stop()
+    final = events.of(job.job_id)[-1]
+    assert final.error_code == "trainer_crashed" and "exited with code -9" in final.message
+
+
+async def test_pause_resume_and_cancel(local) -> None:
+    trainer, events, blobs = local
+    first = request_for(await put_snapshot(blobs, sum_rows(16)), batch_size=2)  # 8 steps
+    second = request_for(await put_snapshot(blobs, sum_rows(8)))
+    await trainer.handle(first)
+    await trainer.handle(second)  # waits behind the first
+    await trainer.handle(second.model_copy(update={"action": "cancel", "request_id": f"{second.job_id}:2"}))
+    assert events.statuses(second.job_id) == ["queued", "cancelled"]
+
+    await wait_until(lambda: events.has(first.job_id, type="metrics"), timeout=120, what="first step")
+    await trainer.handle(first.model_copy(update={"action": "pause"}))
+    await wait_status(events, first.job_id, "paused", timeout=60)
+    paused_at = max(e.data["step"] for e in events.of(first.job_id) if e.type == "metrics")
+    assert paused_at < 8
+    assert events.has(first.job_id, type="checkpoint")  # pausing saves a checkpoint to resume from
+    await trainer.handle(first.model_copy(update={"action": "resume"}))
+    await wait_until(
+        lambda: [e.data["step"] for e in events.of(first.job_id) if e.type == "metrics"][-1] > paused_at,
+        timeout=120,
+        what="steps after resume",
+    )
+    await trainer.handle(first.model_copy(update={"action": "cancel"}))
+    await wait_status(events, first.job_id, "cancelled", timeout=60)
+    assert events.statuses(first.job_id) == ["queued", "running", "paused", "queued", "running", "cancelled"]
+    resumed_steps = [e.data["step"] for e in events.of(first.job_id) if e.type == "metrics"]
+    assert resumed_steps[resumed_steps.index(paused_at) + 1] == paused_at + 1  # went on, not from step 1
+    assert not await blobs.exists(f"{first.output_prefix}/adapter/adapter_model.safetensors")
+    await trainer.handle(first.model_copy(update={"action": "resume"}))  # finished jobs stay finished
+    assert events.statuses(first.job_id)[-1] == "cancelled"
+
+
+# --- over Kafka -----------------------------------------------------------------------------------
+
+
+async def read_all(kafka_url: str, topic: str) -> list[bytes]:
+    from tests.test_log_writer import read_topic
+
+    return await read_topic(kafka_url, topic)
+
+
+async def test_requests_over_kafka_events_back_and_poison_to_the_dlq(
+    tansu, chdb_url: str, tmp_path: Path, model_store: Path
+) -> None:
+    settings = platform_settings(tmp_path, tansu.url, chdb_url, model_store_dir=model_store)
+    platform = Platform(settings, services=("trainer",))
+    await platform.start()
+    producer = AIOKafkaProducer(bootstrap_servers=tansu.url)
+    await producer.start()
+    try:
+        job = request_for("snapshots/none.jsonl", base="acme/never-uploaded")
+        await producer.send_and_wait(TRAINING_REQUESTS_TOPIC, b"{not json", key=b"poison-1")
+        await producer.send_and_wait(
+            TRAINING_REQUESTS_TOPIC,
+            json.dumps({"job_id": "x", "action": "explode"}).encode(),
+            key=b"poison-2",
+        )
+        await producer.send_and_wait(
+            TRAINING_REQUESTS_TOPIC, job.model_dump_json().encode(), key=job.job_id.encode()
+        )
+
+        async def failed() -> list[TrainingEvent]:
+            events = [
+                TrainingEvent.model_validate_json(v) for v in await read_all(tansu.url, TRAINING_EVENTS_TOPIC)
+            ]
+            return [e for e in events if e.job_id == job.job_id]
+
+        async def finished() -> bool:
+            return any(e.status == "failed" for e in await failed())
+
+        await wait_until(finished, timeout=90, what="failed event on training.events.v1")
+        mine = await failed()
+        assert [e.event_id for e in mine] == [f"{job.job_id}:{i}" for i in range(len(mine))]
+        assert mine[-1].error_code == "missing_input"
+
+        async def letters() -> list[DeadLetter]:
+            values = await read_all(tansu.url, dlq_topic(TRAINING_REQUESTS_TOPIC))
+            return [
+                d for d in map(DeadLetter.model_validate_json, values) if d.key in ("poison-1", "poison-2")
+            ]
+
+        async def parked() -> bool:
+            return len(await letters()) == 2
+
+        await wait_until(parked, timeout=30, what="two dead letters")
+        reasons = {d.key: d.reason for d in await letters()}
+        assert "not a TrainingRequest" in reasons["poison-1"]
+        assert "action" in reasons["poison-2"] or "request_id" in reasons["poison-2"]
+    finally:
+        await producer.stop()
+        await platform.stop()
