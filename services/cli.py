@@ -165,5 +165,75 @@ def demo(
     asyncio.run(run_demo(data_dir=data_dir, n_logs=logs, console=console))
 
 
+# --- training (over HTTP, against a running platform) ----------------------------------------
+
+jobs_app = typer.Typer(help="Follow fine-tuning jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+BASE_URL = typer.Option(
+    "http://127.0.0.1:8080/api/v1", envvar="DISTILLERY_BASE_URL", help="The platform's API."
+)
+API_KEY = typer.Option(
+    ..., envvar=["DISTILLERY_API_KEY", "OPENPIPE_API_KEY"], help="A project key (opk_...)."
+)
+
+
+def _api(base_url: str, api_key: str):  # type: ignore[no-untyped-def]
+    import httpx
+
+    return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=60)
+
+
+@app.command()
+def train(
+    dataset: str = typer.Option(..., "--dataset", help="The dataset id to train on."),
+    base: str = typer.Option(
+        "distillery/tiny-chat", "--base", help="Base model (or an earlier model's slug)."
+    ),
+    slug: str | None = typer.Option(None, help="The new model's slug (default: <dataset>-<time>)."),
+    epochs: int | None = typer.Option(None, help="SFT epochs (default: chosen from the row count)."),
+    dpo: bool = typer.Option(False, help="Also run DPO on rows with a rejected_message."),
+    watch: bool = typer.Option(True, help="Follow the job until it finishes."),
+    base_url: str = BASE_URL,
+    api_key: str = API_KEY,
+) -> None:
+    """Fine-tune a model on a dataset (POST /models) and follow its job."""
+    from services.api.fine_tuning import progress
+
+    slug = slug or f"{dataset.replace('_', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with _api(base_url, api_key) as http:
+        try:
+            model = progress.create_model(
+                http, dataset_id=dataset, base_model=base, slug=slug, epochs=epochs, dpo=dpo
+            )
+        except RuntimeError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from None
+        job_id = model["openpipe"]["jobId"]
+        console.print(f"model [bold]{model['id']}[/] ({model['openpipe']['status']}), job {job_id}")
+        if watch:
+            job = progress.watch_job(http, job_id, console=console)
+            console.print(progress.summary(job))
+            raise typer.Exit(0 if job["status"] == "succeeded" else 1)
+
+
+@jobs_app.command("watch")
+def jobs_watch(
+    job_id: str = typer.Argument(..., help="A fine-tuning job id (ftjob-...)."),
+    base_url: str = BASE_URL,
+    api_key: str = API_KEY,
+) -> None:
+    """Show a job's progress (step/total, loss, tokens/s, ETA) until it finishes."""
+    from services.api.fine_tuning import progress
+
+    with _api(base_url, api_key) as http:
+        try:
+            job = progress.watch_job(http, job_id, console=console)
+        except RuntimeError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from None
+    console.print(progress.summary(job))
+    raise typer.Exit(0 if job["status"] == "succeeded" else 1)
+
+
 if __name__ == "__main__":
     app()

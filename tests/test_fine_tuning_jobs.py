@@ -328,3 +328,49 @@ async def test_openai_provider_trains_through_openai(
     model = (await sdk(project).models.retrieve("openai-tuned")).model_extra
     assert model["openpipe"]["status"] == "DEPLOYED" and model["pricing"] == {"chatIn": 0.3, "chatOut": 1.2}
     await asyncio.sleep(0)
+
+
+async def test_cli_train_and_jobs_watch(running: RunningPlatform, project: Project) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    runner = CliRunner()
+    env = {"DISTILLERY_BASE_URL": project.base_url, "DISTILLERY_API_KEY": project.key, "COLUMNS": "160"}
+    dataset_id = await make_dataset(project, rows(3))
+    started = await asyncio.to_thread(
+        runner.invoke,
+        app,
+        [
+            "train",
+            "--dataset",
+            dataset_id,
+            "--base",
+            ABSENT_BASE,
+            "--slug",
+            "cli-model",
+            "--epochs",
+            "1",
+            "--no-watch",
+        ],
+        env=env,
+    )
+    assert started.exit_code == 0, started.output
+    assert "cli-model" in started.output and "job ftjob-" in started.output
+    refused = await asyncio.to_thread(
+        runner.invoke, app, ["train", "--dataset", "ds_nope", "--no-watch"], env=env
+    )
+    assert refused.exit_code == 1 and "No dataset" in refused.output
+
+    slug, job_id = await make_run(running, project)
+    events = Events(running, project, job_id)
+    await events.send("status", status="running")
+    await events.send(
+        "metrics", data={"step": 10, "total_steps": 10, "train_loss": 0.4321, "tokens_per_second": 6000}
+    )
+    await events.send("status", status="succeeded", artifact_uri="fine_tunes/x/adapter/", trained_tokens=4200)
+    await wait_for_job(project, job_id, lambda j: j["status"] == "succeeded", "succeeded")
+    watched = await asyncio.to_thread(runner.invoke, app, ["jobs", "watch", job_id], env=env)
+    assert watched.exit_code == 0, watched.output
+    assert "10/10" in watched.output and "0.4321" in watched.output and "6,000 tok/s" in watched.output
+    assert f"model {slug}" in watched.output and "4,200 training tokens" in watched.output
