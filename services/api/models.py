@@ -17,6 +17,7 @@ from services.api.datasets.models import (
     PruningRule,
 )
 from services.api.evals.models import Eval, EvalAppliedEvent, EvalOutputRecord, EvalResult, EvalRowOutput
+from services.api.fine_tuning.models import FineTunedModel, JobCheckpoint, JobEvent, TrainingFile, TrainingJob
 from services.api.projects.models import ApiKey, Project
 from services.api.providers.models import Deployment, ExternalModel, ExternalProvider, ProviderKeys
 
@@ -41,6 +42,11 @@ __all__ = [
     "Deployment",
     "ExternalModel",
     "ExternalProvider",
+    "FineTunedModel",
+    "JobCheckpoint",
+    "JobEvent",
+    "TrainingFile",
+    "TrainingJob",
     "PruningRule",
     "ProviderKeys",
     "Project",
