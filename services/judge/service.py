@@ -215,6 +215,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float | None = None
+    model_seconds: float = 0.0  # waiting for the judge model (router and upstream), not tokens
 
     @property
     def total_tokens(self) -> int:
@@ -342,7 +343,11 @@ class Judge:
             attempt += 1
             try:
                 async with self._slots[project_id]:
-                    completion = await self.model(project_id, request)
+                    called = time.perf_counter()
+                    try:
+                        completion = await self.model(project_id, request)
+                    finally:
+                        usage.model_seconds += time.perf_counter() - called
             except ModelError as exc:
                 if not exc.retryable or attempt >= self.max_attempts:
                     raise

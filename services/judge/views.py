@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.auth import require_project
@@ -53,7 +53,7 @@ class JudgeOut(BaseModel):
 
 @router.post("/criteria/judge", response_model=JudgeOut, response_model_exclude_none=True)
 async def judge_criterion(
-    body: JudgeBody, request: Request, project_id: str = Depends(require_project)
+    body: JudgeBody, request: Request, response: Response, project_id: str = Depends(require_project)
 ) -> JudgeOut:
     """Unknown criterion or version: 404 ``criterion_not_found``. A judge model that fails after
     retries: its status (429 rate limited, 400 when the judge model cannot be routed, else 502),
@@ -70,6 +70,8 @@ async def judge_criterion(
             type="server_error" if verdict.error_status >= 500 else "invalid_request_error",
             code=verdict.error_code,
         )
+    # Server-Timing: how long the judge model took, so callers can tell the judge's own time apart.
+    response.headers["server-timing"] = f"model;dur={verdict.usage.model_seconds * 1000:.2f}"
     return JudgeOut(
         score=verdict.score,
         explanation=verdict.explanation,

@@ -1,0 +1,206 @@
+"""Judge benchmark: judgements/s and the judge's own overhead, and what best-of-N adds.
+
+    .venv/bin/python bench/judge.py                 # about a minute
+    .venv/bin/python bench/judge.py --requests 200  # judgements per concurrency level (default 320)
+
+Starts a fake OpenAI-compatible judge model (``tests/fake_judge.py``) that answers every call after
+200 ms, and ``distillery up``, each in its own process; registers the fake as an external
+provider of a fresh project and creates two criteria. Then:
+
+1. ``POST /criteria/judge`` at concurrency 1, 16 and 64: judgements/s; "overhead" is the latency
+   beyond the upstream's 200 ms (HTTP in, the criteria lookup, rendering, the gRPC hop to the
+   router, the router's path to the upstream and back, parsing the verdict); "judge's own" is
+   the latency minus the judge-model call the judge reports in ``Server-Timing`` (what the judge
+   service itself adds, without the router and upstream);
+2. best-of-N: ``POST /chat/completions`` with ``n=4`` and ``op-criteria`` naming both criteria
+   (8 judge calls) against the same request without criteria, one at a time.
+
+Targets: overhead p99 <= 5 ms; best-of-N adds <= 1.2x one judge call. It never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import httpx  # noqa: E402
+from platform_stack import PYTHON, Http, PlatformStack  # noqa: E402
+
+from services.common.kafka import free_port  # noqa: E402
+
+UPSTREAM_LATENCY = 0.2
+LEVELS = (1, 16, 64)
+JUDGE_BODY = {
+    "criterion_id": "bench-a",
+    "input": {"messages": [{"role": "user", "content": "What is the capital of Sweden?"}]},
+    "output": {"role": "assistant", "content": "Stockholm"},
+}
+CHAT_BODY = {
+    "model": "openpipe:fakejudge/gen",
+    "messages": [{"role": "user", "content": "Count to 3"}],
+    "n": 4,
+}
+
+
+def serve_upstream(port: int) -> None:
+    import uvicorn
+
+    from tests.fake_judge import FakeJudge, build_app
+
+    fake = FakeJudge(base_url=f"http://127.0.0.1:{port}", latency=UPSTREAM_LATENCY)
+    uvicorn.run(build_app(fake), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def judge_level(
+    client: httpx.AsyncClient, concurrency: int, total: int
+) -> tuple[float, list[float], list[float], int]:
+    """Wall time, latencies, the judge's own time per judgement (latency minus the judge-model
+    call it reports in Server-Timing) and failures."""
+    latencies: list[float] = []
+    own: list[float] = []
+    failures = 0
+    queue = iter(range(total))
+
+    async def worker() -> None:
+        nonlocal failures
+        for _ in queue:
+            started = time.perf_counter()
+            response = await client.post("/criteria/judge", json=JUDGE_BODY)
+            elapsed = time.perf_counter() - started
+            if response.status_code != 200:
+                failures += 1
+                continue
+            latencies.append(elapsed)
+            model_ms = float(response.headers["server-timing"].partition("dur=")[2])
+            own.append(elapsed - model_ms / 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies, own, failures
+
+
+async def chat_latencies(client: httpx.AsyncClient, rounds: int, criteria: bool) -> list[float]:
+    headers = {"op-criteria": '["bench-a", "bench-b"]'} if criteria else {}
+    out = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        response = await client.post("/chat/completions", json=CHAT_BODY, headers=headers)
+        out.append(time.perf_counter() - started)
+        assert response.status_code == 200, response.text
+        if criteria:
+            assert "criteria_results" in response.json()["choices"][0]
+    return out
+
+
+async def measure(port: int, key: str, requests: int, rounds: int) -> list[str]:
+    lines = []
+    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}/api/v1",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+        limits=limits,
+    ) as client:
+        await judge_level(client, 4, 16)  # warm up connections and code paths
+        lines.append(
+            "| concurrency | judgements | judgements/s | latency p50 | overhead p50 / p99 "
+            "| judge's own p50 / p99 | failed |"
+        )
+        lines.append("|---|---|---|---|---|---|---|")
+        one_judge = UPSTREAM_LATENCY
+        for level in LEVELS:
+            total = min(40, requests) if level == 1 else max(requests, level * 2)
+            wall, latencies, own, failed = await judge_level(client, level, total)
+            overhead = [(x - UPSTREAM_LATENCY) * 1000 for x in latencies]
+            own_ms = [x * 1000 for x in own]
+            if level == 1:
+                one_judge = statistics.median(latencies)
+            lines.append(
+                f"| {level} | {len(latencies)} | {len(latencies) / wall:.1f} | "
+                f"{pct(latencies, 50) * 1000:.1f} ms | "
+                f"{pct(overhead, 50):.1f} / {pct(overhead, 99):.1f} ms | "
+                f"{pct(own_ms, 50):.1f} / {pct(own_ms, 99):.1f} ms | {failed} |"
+            )
+            print(lines[-1], flush=True)
+        await chat_latencies(client, 2, True)
+        plain = await chat_latencies(client, rounds, False)
+        judged = await chat_latencies(client, rounds, True)
+        added = statistics.median(judged) - statistics.median(plain)
+        lines.append("")
+        lines.append(
+            f"best-of-N (n=4, 2 criteria = 8 judge calls): p50 "
+            f"{statistics.median(plain) * 1000:.0f} ms without "
+            f"criteria, {statistics.median(judged) * 1000:.0f} ms with; added {added * 1000:.0f} ms = "
+            f"{added / one_judge:.2f}x one judge call ({one_judge * 1000:.0f} ms)"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=320)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream)
+        return 0
+    upstream_port = free_port()
+    upstream = subprocess.Popen([PYTHON, __file__, "--serve-upstream", str(upstream_port)], cwd=ROOT)
+    try:
+        with PlatformStack(args.keep, prefix="distillery-judge-bench-") as stack:
+            stack.start_broker()
+            _, key = stack.create_key("judge-bench")
+            stack.start_platform()
+            http = Http(stack.port, key)
+            status, body = http.json(
+                "POST",
+                "/api/v1/external-providers",
+                {
+                    "slug": "fakejudge",
+                    "type": "openai",
+                    "baseUrl": f"http://127.0.0.1:{upstream_port}/v1",
+                    "apiKey": "sk-fake-judge-0123456789",
+                },
+            )
+            assert status == 201, body
+            for name in ("bench-a", "bench-b"):
+                status, body = http.json(
+                    "POST",
+                    "/api/v1/criteria",
+                    {"name": name, "model": "openpipe:fakejudge/judge", "prompt": "Fail marked mistakes."},
+                )
+                assert status == 201, body
+            stack.wait_for(
+                lambda: http.json("POST", "/api/v1/criteria/judge", JUDGE_BODY)[0] == 200, 30, "judging"
+            )
+            http.close()
+            lines = asyncio.run(measure(stack.port, key, args.requests, args.rounds))
+            print("\n".join(lines))
+    finally:
+        upstream.terminate()
+        upstream.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
