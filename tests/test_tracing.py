@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Iterator
 
 import grpc
 import openai
@@ -27,15 +28,17 @@ PARENT_ID = "00f067aa0ba902b7"
 
 
 @pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    """An in-memory exporter on the process's tracer provider (installed once per process)."""
+def spans() -> Iterator[InMemorySpanExporter]:
+    """An in-memory exporter on the process's tracer provider (installed once per process; later
+    tests still make spans, but the shut-down exporter no longer keeps them)."""
     exporter = InMemorySpanExporter()
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+    yield exporter
+    exporter.shutdown()
 
 
 def in_trace(exporter: InMemorySpanExporter, trace_id: int) -> list[ReadableSpan]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from aiokafka import TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
@@ -34,7 +35,6 @@ HTTP_LATENCY = Histogram(
     ["method", "route"],
     buckets=LATENCY_BUCKETS,
 )
-HTTP_IN_FLIGHT = Gauge("distillery_http_requests_in_flight", "HTTP requests being served")
 
 # ---------------------------------------------------------------- router
 ROUTER_UPSTREAM_LATENCY = Histogram(
@@ -115,6 +115,9 @@ class HttpMetrics:
     def __init__(self, app: ASGIApp, fast_paths: Iterable[tuple[str, str]] = ()) -> None:
         self.app = app
         self.fast_paths = fast_paths
+        # Label children by label values: ``labels()`` costs more than the update itself.
+        self._requests: dict[tuple[str, str, int], Any] = {}
+        self._latency: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -131,14 +134,22 @@ class HttpMetrics:
                 status = message["status"]
             await send(message)
 
-        HTTP_IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send_recording)
         finally:
-            HTTP_IN_FLIGHT.dec()
-            route, method = route_label(scope), scope["method"]
-            HTTP_REQUESTS.labels(method, route, str(status)).inc()
-            HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
+            self._observe(scope["method"], route_label(scope), status, time.perf_counter() - started)
+
+    def _observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        counter = self._requests.get((method, route, status))
+        if counter is None:
+            counter = self._requests[(method, route, status)] = HTTP_REQUESTS.labels(
+                method, route, str(status)
+            )
+        counter.inc()
+        latency = self._latency.get((method, route))
+        if latency is None:
+            latency = self._latency[(method, route)] = HTTP_LATENCY.labels(method, route)
+        latency.observe(seconds)
 
 
 async def metrics_endpoint(scope: Scope, receive: Receive, send: Send) -> None:

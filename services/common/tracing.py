@@ -15,6 +15,7 @@ import contextvars
 import json
 import logging
 import os
+import random
 import re
 import sys
 import time
@@ -82,6 +83,8 @@ def setup_tracing(service: str) -> bool:
 
 def kafka_headers() -> list[tuple[str, bytes]] | None:
     """The current trace context as aiokafka record headers, or None when there is none to carry."""
+    if not active():
+        return None
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return [(key, value.encode()) for key, value in carrier.items()] or None
@@ -90,6 +93,8 @@ def kafka_headers() -> list[tuple[str, bytes]] | None:
 def message_headers() -> dict[str, str]:
     """The current trace context as FastStream ``publish(headers=...)``."""
     carrier: dict[str, str] = {}
+    if not active():
+        return carrier
     propagate.inject(carrier)
     return carrier
 
@@ -229,35 +234,76 @@ class TraceRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
-        request_id = _clean_request_id(headers.get(REQUEST_ID_HEADER)) or os.urandom(8).hex()
+        request_id = _request_id(scope["headers"])
         token = request_id_var.set(request_id)
-        raw_id = request_id.encode()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw_id)]
-                span.set_attribute("http.response.status_code", message["status"])
-                if message["status"] >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
-            await send(message)
-
-        method = scope["method"]
-        attributes = {"http.request.method": method, "url.path": scope["path"], "request.id": request_id}
         try:
-            with tracer().start_as_current_span(
-                f"{method} {scope['path']}",
-                context=propagate.extract(headers),
-                kind=SpanKind.SERVER,
-                attributes=attributes,
-            ) as span:
-                await self.app(scope, receive, send_with_id)
-                route = route_template(scope)
-                if route:
-                    span.update_name(f"{method} {route}")
-                    span.set_attribute("http.route", route)
+            if active():
+                await self._traced(scope, receive, send, request_id)
+            else:  # no exporter: skip the span machinery, keep the request id
+                await self.app(scope, receive, _echo_request_id(send, request_id.encode()))
         finally:
             request_id_var.reset(token)
+
+    async def _traced(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        method = scope["method"]
+        attributes = {"http.request.method": method, "url.path": scope["path"], "request.id": request_id}
+        with tracer().start_as_current_span(
+            f"{method} {scope['path']}",
+            context=propagate.extract(headers),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        ) as span:
+            echo = _echo_request_id(send, request_id.encode())
+
+            async def send_recording(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    span.set_attribute("http.response.status_code", message["status"])
+                    if message["status"] >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+                await echo(message)
+
+            await self.app(scope, receive, send_recording)
+            route = route_template(scope)
+            if route:
+                span.update_name(f"{method} {route}")
+                span.set_attribute("http.route", route)
+
+
+_active = False
+
+
+def active() -> bool:
+    """Whether spans go anywhere: a tracer provider was installed (``setup_tracing`` or a test).
+
+    Checked on every request, so it reads the API's global directly: ``get_tracer_provider()``
+    consults the environment on each call until a provider is set. Once set it never changes.
+    """
+    global _active
+    if not _active:
+        provider = getattr(trace, "_TRACER_PROVIDER", None)
+        _active = provider is not None and not isinstance(provider, trace.NoOpTracerProvider)
+    return _active
+
+
+def _request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    for key, value in headers:
+        if key == b"x-request-id":
+            return _clean_request_id(value.decode("latin-1")) or _new_request_id()
+    return _new_request_id()
+
+
+def _new_request_id() -> str:
+    return f"{random.getrandbits(64):016x}"  # unique enough to correlate logs; not a secret
+
+
+def _echo_request_id(send: Send, raw_id: bytes) -> Send:
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw_id)]
+        await send(message)
+
+    return send_with_id
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
