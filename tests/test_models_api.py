@@ -117,8 +117,23 @@ async def test_create_model_with_the_openpipe_sdk(running: RunningPlatform, proj
     assert cancel["request_id"] == f"{job_id}:2"
 
 
-async def test_deprecated_flat_hyperparameters_and_unstable_routes(project: Project) -> None:
+async def test_deprecated_flat_hyperparameters_and_unstable_routes(
+    running: RunningPlatform, project: Project
+) -> None:
     dataset_id = await make_dataset(project, rows(4))
+    # A base that ops put in the model store (models/<name>/) is accepted by name.
+    await running.platform.blobs.put_bytes("models/acme/custom-7b/config.json", b"{}")
+    async with project.client() as http:
+        stored = await http.post(
+            "/models",
+            json={
+                "datasetId": dataset_id,
+                "slug": "custom",
+                "trainingConfig": {"baseModel": "acme/custom-7b"},
+            },
+        )
+        assert stored.status_code == 200, stored.text
+        assert stored.json()["pricing"] == {"chatIn": 0.3, "chatOut": 0.45}  # 7B: the "8B and smaller" tier
     async with project.client() as http:
         created = await http.post(
             "/models",
@@ -164,7 +179,7 @@ async def test_deprecated_flat_hyperparameters_and_unstable_routes(project: Proj
         }
         assert (await http.get("/unstable/finetune/get", params={"slug": "old-style"})).status_code == 404
         dataset = (await http.get(f"/datasets/{dataset_id}")).json()
-    assert dataset["fine_tune_count"] == 1
+    assert dataset["fine_tune_count"] == 2
 
 
 @pytest.mark.parametrize(
@@ -384,7 +399,8 @@ async def test_failure_event_sets_error_and_poison_goes_to_dlq(
     )
     reasons = {letter["key"]: letter["reason"] for letter in letters}
     assert (
-        "invalid TrainingEvent" in reasons["poison-1"] and "no training job" in reasons["ftjob-does-not-exist"]
+        "invalid TrainingEvent" in reasons["poison-1"]
+        and "no training job" in reasons["ftjob-does-not-exist"]
     )
 
 

@@ -63,7 +63,7 @@ from services.api.fine_tuning.schemas import (
     SftHyperparameters,
     TrainingConfig,
 )
-from services.common.blobstore import BlobStore
+from services.common.blobstore import BlobStore, BlobStoreError
 from services.common.errors import APIError, bad_request, invalid_input, not_found, unavailable
 from services.common.events import (
     CATALOG_TOPIC,
@@ -73,6 +73,7 @@ from services.common.events import (
     TrainingHyperparameters,
     TrainingRequest,
 )
+from services.common.model_store import model_blob_prefix
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def _openai_hyper(config: TrainingConfig) -> tuple[TrainingHyperparameters, dict
 
 
 async def resolve_base(
-    *, session: AsyncSession, project_id: str, name: str, param: str
+    *, session: AsyncSession, project_id: str, name: str, param: str, blobs: BlobStore | None = None
 ) -> tuple[str, str | None]:
     """(model-store name, parent adapter key): a base name, or the slug of a trained model to continue."""
     parent = await find_model(session=session, project_id=project_id, slug=name)
@@ -310,7 +311,7 @@ async def resolve_base(
             )
         job = await session.get(TrainingJob, parent.job_id) if parent.job_id else None
         return (job.base_model if job else parent.base_model), parent.adapter_uri
-    if name in catalog.OPENPIPE_BASES:
+    if name in catalog.OPENPIPE_BASES or (blobs is not None and await _in_model_store(blobs, name)):
         return name, None
     raise bad_request(
         f"Unknown base model {name!r}. Use one of {', '.join(catalog.OPENPIPE_BASES)}, a model in the "
@@ -319,7 +320,17 @@ async def resolve_base(
     )
 
 
-async def plan_for_config(*, session: AsyncSession, project_id: str, config: TrainingConfig) -> Plan:
+async def _in_model_store(blobs: BlobStore, name: str) -> bool:
+    """Whether ops uploaded weights for ``name`` under ``models/<name>/`` (see ``model_store``)."""
+    try:
+        return bool(await blobs.list(model_blob_prefix(name)))
+    except (ValueError, BlobStoreError):
+        return False
+
+
+async def plan_for_config(
+    *, session: AsyncSession, project_id: str, config: TrainingConfig, blobs: BlobStore | None = None
+) -> Plan:
     if config.provider in catalog.UNSUPPORTED_PROVIDERS:
         raise bad_request(
             f"trainingConfig.provider {config.provider!r} is not supported by this deployment; "
@@ -343,7 +354,11 @@ async def plan_for_config(*, session: AsyncSession, project_id: str, config: Tra
         )
     hyper, given = _openpipe_hyper(config)
     base, parent = await resolve_base(
-        session=session, project_id=project_id, name=config.base_model, param="trainingConfig.baseModel"
+        session=session,
+        project_id=project_id,
+        name=config.base_model,
+        param="trainingConfig.baseModel",
+        blobs=blobs,
     )
     return _plan("openpipe", config.base_model, base, parent, hyper, given)
 
@@ -360,7 +375,9 @@ def _plan(
     return Plan(provider, requested, base, hyper, _stored(hyper, given), _method(hyper), parent)
 
 
-async def plan_for_job(*, session: AsyncSession, project_id: str, body: JobCreate) -> Plan:
+async def plan_for_job(
+    *, session: AsyncSession, project_id: str, body: JobCreate, blobs: BlobStore | None = None
+) -> Plan:
     """The OpenAI jobs API's ``model`` + ``method`` (or deprecated ``hyperparameters``) as a plan."""
     method = body.method
     if method is not None and method.type == "reinforcement":
@@ -399,7 +416,9 @@ async def plan_for_job(*, session: AsyncSession, project_id: str, body: JobCreat
     hyper.seed = body.seed
     if body.model in catalog.OPENAI_BASES:
         return _plan("openai", body.model, body.model, None, hyper, given)
-    base, parent = await resolve_base(session=session, project_id=project_id, name=body.model, param="model")
+    base, parent = await resolve_base(
+        session=session, project_id=project_id, name=body.model, param="model", blobs=blobs
+    )
     return _plan("openpipe", body.model, base, parent, hyper, given)
 
 

@@ -75,7 +75,7 @@ async def _create_model(d: Deps, project_id: str, body: ModelCreate) -> tuple[di
                 f"A model with slug {body.slug!r} already exists in this project.", param="slug"
             )
         plan = await service.plan_for_config(
-            session=session, project_id=project_id, config=body.training_config
+            session=session, project_id=project_id, config=body.training_config, blobs=d.blobs
         )
         rules = await service.pruning_rules_for(
             session=session, project_id=project_id, rule_ids=body.pruning_rule_ids
@@ -274,7 +274,7 @@ async def create_job(
     body: JobCreate, d: Deps = Depends(deps), project_id: str = Depends(require_project)
 ) -> dict:
     async with d.sessions.begin() as session:
-        plan = await service.plan_for_job(session=session, project_id=project_id, body=body)
+        plan = await service.plan_for_job(session=session, project_id=project_id, body=body, blobs=d.blobs)
         if plan.provider == "openai":
             await openai_provider.require_key(d.request.app.state, session=session, project_id=project_id)
         key, rules, failure = await service.training_source(
