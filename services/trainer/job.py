@@ -48,14 +48,29 @@ class RunStopped(Exception):
         self.status = status
 
 
-class EventLog:
-    """Appends events to ``events.jsonl``; the line number is the sequence number."""
+def clock_seq() -> int:
+    """A sequence number from the wall clock (µs): used where two writers report on one job."""
+    return time.time_ns() // 1000
 
-    def __init__(self, path: Path) -> None:
+
+class EventLog:
+    """Appends events to ``events.jsonl``; the line number is the sequence number.
+
+    With ``clock_seq=True`` (Kubernetes pods, whose service also reports on the job) each line
+    carries its own ``seq`` from the clock instead, fixed when written so relaying it again
+    gives the same event id.
+    """
+
+    def __init__(self, path: Path, *, clock_seq: bool = False) -> None:
         self.path = path
+        self.clock_seq = clock_seq
+        self._last = 0
 
     def emit(self, type: str, message: str = "", **fields: Any) -> None:
         event = {"type": type, "message": message, "created_at": int(time.time()), **fields}
+        if self.clock_seq:
+            self._last = max(self._last + 1, clock_seq())
+            event["seq"] = self._last
         line = json.dumps({k: v for k, v in event.items() if v is not None}, default=str)
         with open(self.path, "a", encoding="utf-8") as out:
             out.write(line + "\n")
@@ -89,14 +104,20 @@ class Run:
     """Everything one run needs: its request, work folder, blob store and model cache."""
 
     def __init__(
-        self, request: TrainingRequest, work_dir: Path, *, blobs: BlobStore, store_dir: Path
+        self,
+        request: TrainingRequest,
+        work_dir: Path,
+        *,
+        blobs: BlobStore,
+        store_dir: Path,
+        clock_seq: bool = False,
     ) -> None:
         self.request = request
         self.hyper: TrainingHyperparameters = request.hyperparameters
         self.work_dir = work_dir
         self.blobs = blobs
         self.store_dir = store_dir
-        self.events = EventLog(work_dir / EVENTS_FILE)
+        self.events = EventLog(work_dir / EVENTS_FILE, clock_seq=clock_seq)
         self.prefix = (
             request.output_prefix or f"fine-tunes/{request.project_id}/{request.model_slug}/{request.job_id}"
         ).rstrip("/")

@@ -42,6 +42,7 @@ def training_event(
     """The Kafka event for line ``seq`` of a job's ``events.jsonl``."""
     job_id = request["job_id"] if isinstance(request, dict) else request.job_id
     project_id = request["project_id"] if isinstance(request, dict) else request.project_id
+    seq = int(line.get("seq", seq))
     return TrainingEvent(
         event_id=f"{job_id}:{seq}",
         job_id=job_id,
