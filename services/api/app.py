@@ -50,6 +50,7 @@ async def setup(platform: Platform) -> None:
         )
     platform.state["secret_key"] = secret_key
     platform.state["publish_timeout"] = settings.publish_timeout_seconds
+    platform.state["catalog"] = platform.catalog  # writes apply here at once: read your writes
     platform.routers.append(projects_router)
     platform.routers.append(providers_router)
     platform.routers.append(datasets_router)

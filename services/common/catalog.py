@@ -28,6 +28,9 @@ class CatalogReader:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
         self._caught_up = asyncio.Event()
+        # Records this process published and applied at once (``apply``), by key, in publish order,
+        # until the topic brings them back: an older one arriving then must not undo a newer one.
+        self._ahead: dict[str, list[CatalogRecord]] = {}
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -75,6 +78,19 @@ class CatalogReader:
         except ValidationError as exc:
             log.error("skipping malformed catalog record: %s", exc.errors()[:1])
             return
+        ahead = self._ahead.get(record.key)
+        if ahead and record in ahead:
+            del ahead[: ahead.index(record) + 1]
+            if ahead:
+                return  # a newer record of this key was already applied locally
+            del self._ahead[record.key]
+        for handler in self.handlers:
+            handler(record)
+
+    def apply(self, record: CatalogRecord) -> None:
+        """Apply a record this process has just published, without waiting for the topic to bring it
+        back: read your writes within one process (the topic's copy later is a no-op)."""
+        self._ahead.setdefault(record.key, []).append(record)
         for handler in self.handlers:
             handler(record)
 

@@ -24,7 +24,7 @@ from services.router.providers.base import Provider
 from services.router.providers.gemini import GeminiProvider
 from services.router.providers.openai import OpenAIProvider
 from services.router.routing import Route, Router, moa_base
-from services.router.streaming import DONE, completion_to_chunks, merge_chunks, sse
+from services.router.streaming import DONE, completion_to_chunks, merge_chunks, sse, without_usage
 from services.router.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,8 @@ class ChatService:
                 outcome.error = exc
                 self._log(project_id, raw, options, requested_at, outcome)
             raise
-        return self._relay(stack, chunks, project_id, raw, options, requested_at, outcome, key)
+        relayed = self._relay(stack, chunks, project_id, raw, options, requested_at, outcome, key)
+        return relayed if include_usage else without_usage(relayed)
 
     async def _open_with_fallback(
         self,
@@ -322,6 +323,10 @@ class ChatService:
     ) -> AsyncIterator[dict[str, Any]]:
         route = self.router.resolve(project_id, raw["model"])
         body = self._prepare(route, raw)
+        if route.provider != "azure":  # older Azure api-versions refuse stream_options
+            # Always ask for the usage tail, so that the call is logged and priced with real token
+            # counts; _relay drops it again for a client that did not ask.
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         outcome.route = route
         stream = self.providers[route.provider].stream(
             self.upstream, route, body, model=raw["model"], timeout=timeout

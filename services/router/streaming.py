@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -11,6 +12,20 @@ DONE = b"data: [DONE]\n\n"
 
 def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def without_usage(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[dict[str, Any], None]:
+    """A stream as a client that did not set ``stream_options.include_usage`` expects it: no usage
+    tail chunk (``choices: []``) and no ``usage`` field; the router itself asked for them."""
+    try:
+        async for chunk in chunks:
+            if "usage" in chunk:
+                if not chunk.get("choices"):
+                    continue
+                chunk = {k: v for k, v in chunk.items() if k != "usage"}
+            yield chunk
+    finally:
+        await chunks.aclose()  # the relay logs the call when it closes
 
 
 def _merge_tool_calls(target: list[dict], deltas: list[dict]) -> None:

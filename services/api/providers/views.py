@@ -31,6 +31,7 @@ from services.api.providers.models import (
 )
 from services.api.pruning import service as pruning
 from services.common.auth import require_project
+from services.common.catalog import CatalogReader
 from services.common.events import CatalogRecord
 
 router = APIRouter(tags=["providers"])
@@ -46,6 +47,7 @@ class Catalog:
     broker: KafkaBroker
     secret_key: bytes
     publish_timeout: float
+    local: CatalogReader | None = None  # this process's view of catalog.v1 (the router's, in one process)
     pending: list[CatalogRecord] = field(default_factory=list)
 
     @asynccontextmanager
@@ -53,6 +55,9 @@ class Catalog:
         async with self.sessions.begin() as session:
             yield session
             await service.publish(broker=self.broker, records=self.pending, timeout=self.publish_timeout)
+        if self.local is not None:  # committed: the very next request here sees it (read your writes)
+            for record in self.pending:
+                self.local.apply(record)
 
     def publish(self, *records: CatalogRecord) -> None:
         self.pending.extend(records)
@@ -60,7 +65,9 @@ class Catalog:
 
 def catalog(request: Request) -> Catalog:
     state = request.app.state
-    return Catalog(state.sessions, state.broker, state.secret_key, state.publish_timeout)
+    return Catalog(
+        state.sessions, state.broker, state.secret_key, state.publish_timeout, getattr(state, "catalog", None)
+    )
 
 
 # --- provider keys ---------------------------------------------------------------------------

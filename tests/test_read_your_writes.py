@@ -1,0 +1,128 @@
+"""Read your writes, and streamed calls priced with real token counts.
+
+A provider key, external provider, deployment or API key written through the API is usable by the
+very next request in the same process: the api hands each catalog record it publishes to the
+in-process catalog reader at once, instead of waiting for ``catalog.v1`` to bring it back
+(services/common/catalog.CatalogReader.apply). Streams: the router always asks the upstream for
+the usage tail and drops it for a client that did not ask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+
+from tests.conftest import Project, wait_for_count
+from tests.fake_upstream import OPENAI_KEY, FakeUpstream
+
+MESSAGES = [{"role": "user", "content": "Count to 3"}]
+
+
+async def chat(client: httpx.AsyncClient, model: str, **extra: object) -> httpx.Response:
+    return await client.post("/chat/completions", json={"model": model, "messages": MESSAGES, **extra})
+
+
+async def test_provider_keys_are_usable_by_the_very_next_request(project: Project) -> None:
+    async with project.client() as client:
+        missing = await chat(client, "gpt-4o-mini")
+        assert missing.status_code == 400 and missing.json()["error"]["code"] == "provider_key_missing"
+        assert (await client.put("/provider-keys", json={"openai": OPENAI_KEY})).status_code == 200
+        answered = await chat(client, "gpt-4o-mini")  # no retry, no wait
+        assert answered.status_code == 200, answered.text
+        assert (await client.put("/provider-keys", json={"openai": None})).status_code == 200
+        removed = await chat(client, "gpt-4o-mini")
+        assert removed.status_code == 400, removed.text
+
+
+async def test_external_providers_are_usable_by_the_very_next_request(
+    project: Project, fake_upstream: FakeUpstream
+) -> None:
+    provider = {
+        "slug": "ryw",
+        "type": "openai",
+        "baseUrl": f"{fake_upstream.base_url}/v1",
+        "apiKey": OPENAI_KEY,
+        "models": [{"slug": "first-model"}],
+    }
+    async with project.client() as client:
+        created = await client.post("/external-providers", json=provider)
+        assert created.status_code == 201, created.text
+        answered = await chat(client, "openpipe:ryw/first-model")
+        assert answered.status_code == 200, answered.text
+        patched = await client.patch(
+            f"/external-providers/{created.json()['id']}", json={"models": [{"slug": "second-model"}]}
+        )
+        assert patched.status_code == 200, patched.text
+        assert (await chat(client, "openpipe:ryw/second-model")).status_code == 200
+        assert fake_upstream.last("/v1/chat/completions").body["model"] == "second-model"
+        gone = await chat(client, "openpipe:ryw/first-model")
+        assert gone.status_code == 404, gone.text
+        assert (await client.delete(f"/external-providers/{created.json()['id']}")).status_code == 200
+        assert (await chat(client, "openpipe:ryw/second-model")).status_code == 404
+
+
+async def test_deployments_read_the_latest_write_even_when_older_records_arrive_later(
+    project: Project, fake_upstream: FakeUpstream
+) -> None:
+    """Two quick writes: the topic brings the first back after the second was applied locally, and
+    that older copy must not undo the newer one."""
+    spec = {"baseUrl": f"{fake_upstream.base_url}/v1", "apiKey": OPENAI_KEY}
+    async with project.client() as client:
+        for model in ("upstream-one", "upstream-two"):
+            response = await client.put("/deployments/ryw-model", json={**spec, "model": model})
+            assert response.status_code in (200, 201), response.text
+        for _ in range(3):  # now, and after catalog.v1 has delivered both records
+            answered = await chat(client, "openpipe:ryw-model")
+            assert answered.status_code == 200, answered.text
+            assert fake_upstream.last("/v1/chat/completions").body["model"] == "upstream-two"
+            await asyncio.sleep(0.4)
+        assert (await client.delete("/deployments/ryw-model")).status_code == 200
+        assert (await chat(client, "openpipe:ryw-model")).status_code == 404
+
+
+async def test_a_new_api_key_works_at_once(project: Project) -> None:
+    async with project.client() as client:
+        created = await client.post("/keys")
+        assert created.status_code == 201, created.text
+    async with httpx.AsyncClient(
+        base_url=project.base_url, headers={"Authorization": f"Bearer {created.json()['key']}"}
+    ) as fresh:
+        assert (await fresh.get("/datasets")).status_code == 200
+
+
+def _events(body: bytes) -> list[dict]:
+    lines = [line[len(b"data: ") :] for line in body.split(b"\n\n") if line.startswith(b"data: ")]
+    return [orjson.loads(line) for line in lines if line != b"[DONE]"]
+
+
+async def test_streams_always_ask_for_usage_and_log_real_token_counts(
+    project: Project, fake_upstream: FakeUpstream
+) -> None:
+    async with project.client() as client:
+        assert (await client.put("/provider-keys", json={"openai": OPENAI_KEY})).status_code == 200
+        plain = await chat(client, "gpt-4o-mini", stream=True, store=True, metadata={"case": "plain"})
+        assert plain.status_code == 200, plain.text
+        sent = fake_upstream.last("/v1/chat/completions").body
+        assert sent["stream_options"] == {"include_usage": True}
+        events = _events(plain.content)
+        assert events and all("usage" not in e for e in events), events[-2:]
+        assert all(e["choices"] for e in events)  # no usage tail the client did not ask for
+
+        asked = await chat(
+            client,
+            "gpt-4o-mini",
+            stream=True,
+            stream_options={"include_usage": True},
+            store=True,
+            metadata={"case": "asked"},
+        )
+        tail = _events(asked.content)[-1]
+        assert tail["choices"] == [] and tail["usage"]["total_tokens"] > 0
+
+        for case in ("plain", "asked"):
+            await wait_for_count(client, 1, params={"metadata.case": case})
+            log = (await client.get("/logs", params={"metadata.case": case})).json()["data"][0]
+            assert log["usage"]["prompt_tokens"] > 0 and log["usage"]["completion_tokens"] > 0, log["usage"]
+            assert log["usage"]["total_tokens"] == tail["usage"]["total_tokens"]  # the same prompt
