@@ -248,6 +248,7 @@ async def serve(platform: Platform) -> None:
         host=platform.settings.http_host,
         port=platform.settings.http_port,
         log_level="warning",
+        log_config=None,  # uvicorn's records go through the root handler (JSON lines, tracing.setup)
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(platform.settings.shutdown_timeout_seconds / 2)),
