@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def up(
         )
         platform = Platform(settings)
         platform.launched_at = launched
+        # uvicorn re-raises the signal it stopped on once drained: SIGTERM then ends like Ctrl-C,
+        # through the clean-up below, instead of killing the process before the children stop.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         run(platform)
     except KeyboardInterrupt:
         pass
