@@ -94,6 +94,12 @@ class JobFolder:
         else:
             path.write_text(value)
 
+    def control(self) -> str | None:
+        try:
+            return (self.path / CONTROL_FILE).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
     def last_status(self) -> str | None:
         statuses = [e["status"] for e in read_events(self.path / EVENTS_FILE) if e.get("status")]
         return statuses[-1] if statuses else None
@@ -201,6 +207,7 @@ class LocalTrainer:
     async def _pause(self, job: JobFolder, status: str) -> None:
         if job.job_id in self.children:
             job.set_control("pause")  # the run saves a checkpoint, stops and reports
+            job.save_state(resume_pending=False)
             return
         if status == "queued":
             job.save_state(status="paused")
@@ -210,10 +217,13 @@ class LocalTrainer:
     async def _resume(self, job: JobFolder, status: str) -> None:
         if status != "paused":
             if job.job_id in self.children:
-                job.set_control(None)  # a pause asked for but not yet taken is withdrawn
+                # The pause may already be taken (the run is reporting it and ending): resume
+                # once it has ended. If not taken yet, withdrawing it is enough.
+                job.set_control(None)
+                job.save_state(resume_pending=True)
             return
         job.set_control(None)
-        job.save_state(status="queued")
+        job.save_state(status="queued", resume_pending=False)
         job.events.emit("status", "Resumed; queued for training.", status="queued")
         await self.relay(job)
         self.queue.put_nowait(job.job_id)
@@ -261,17 +271,23 @@ class LocalTrainer:
             self.children.pop(job.job_id, None)
         await self.relay(job)
         status = job.last_status()
-        if process.returncode == 0 and status in (*TERMINAL, "paused"):
-            job.save_state(status=status)
-            job.set_control(None)
+        if process.returncode != 0 or status not in (*TERMINAL, "paused"):
+            await self._crashed(job, f"the training process exited with code {process.returncode}")
             return
-        await self._crashed(job, f"the training process exited with code {process.returncode}")
+        control = job.control()
+        job.set_control(None)
+        job.save_state(status=status)
+        if status != "paused":
+            return
+        if control == "cancel":  # asked while the run was already pausing
+            await self._cancel(job, status)
+        elif job.state().get("resume_pending"):  # asked while the run was already pausing
+            await self._resume(job, status)
 
     async def _crashed(self, job: JobFolder, why: str) -> None:
         """A run ended without reporting an outcome: resume it from its checkpoint, or fail clearly."""
         attempts = job.state().get("attempts", 0) + 1
-        control = (job.path / CONTROL_FILE).exists() and (job.path / CONTROL_FILE).read_text().strip()
-        if control == "cancel":
+        if job.control() == "cancel":
             job.save_state(status="cancelled", attempts=attempts)
             job.events.emit("status", "Training cancelled.", status="cancelled")
         elif attempts < self.max_attempts:

@@ -1,0 +1,214 @@
+"""SFT throughput: our LoRA SFT path versus a plain TRL ``SFTTrainer`` on the same model, data and epochs.
+
+    .venv/bin/python bench/train.py                       # both bases
+    .venv/bin/python bench/train.py --base distillery/tiny-chat --rows 256 --epochs 1
+
+Each run happens in its own process (so peak RSS is its own). Both runs train a LoRA adapter (same
+rank, targets, learning rate, rows per step and epochs) on the same synthetic chat rows of varied
+length; the loss covers assistant tokens in both. "Plain TRL" is ``SFTTrainer`` with its defaults
+plus what CPU needs (``use_cpu=True``) and ``assistant_only_loss=True``. Tokens/s counts the
+tokens of the rows trained (prompt and answer, no padding) over the training wall time. Ends with
+one line per base: ``sft tokens/s vs plain trl: 1.62x (ours N, trl M, final loss a vs b)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BASES = ("distillery/tiny-chat", "HuggingFaceTB/SmolLM2-135M-Instruct")
+DEFAULT_ROWS = {"distillery/tiny-chat": 256, "HuggingFaceTB/SmolLM2-135M-Instruct": 64}
+BATCH = 8
+LEARNING_RATE = 2e-4
+WORDS = [
+    "the", "order", "shipped", "yesterday", "and", "should", "arrive", "soon",
+    "please", "check", "status", "of", "my", "refund", "today", "thanks",
+]  # fmt: skip
+
+
+def rows(n: int, seed: int = 0) -> list[dict]:
+    """Support-style chats of varied length: a system prompt, a question, a short or long answer."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        question = " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(4, 40)))
+        answer = " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(2, 60)))
+        out.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are a support agent. Answer briefly."},
+                    {"role": "user", "content": f"Ticket {i}: {question}?"},
+                    {"role": "assistant", "content": answer.capitalize() + "."},
+                ],
+                "tools": None,
+            }
+        )
+    return out
+
+
+def final_loss(losses: list[float]) -> float:
+    tail = losses[-max(1, len(losses) // 10) :]
+    return sum(tail) / len(tail)
+
+
+def run_ours(base_dir: Path, data: list[dict], epochs: int, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.trainer.data import tokenize_sft
+    from services.trainer.sft import Progress, lora_config, sft_trainer, training_arguments
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), lora_config())
+    tokenized = [tokenize_sft(tokenizer, row, 2048) for row in data]
+    args = training_arguments(
+        out, learning_rate=LEARNING_RATE, epochs=epochs, batch_size=BATCH, save_steps=10**9, seed=0
+    )
+    args["save_strategy"] = "no"
+    progress = Progress(
+        phase="sft",
+        on_metrics=lambda d: None,
+        on_checkpoint=lambda *a: None,
+        control_state=lambda: None,
+        tokens_seen=lambda: 0,
+        epochs=epochs,
+    )
+    trainer = sft_trainer(model, tokenizer, Dataset.from_list(tokenized), args, progress)
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    tokens = sum(len(t["input_ids"]) for t in tokenized) * epochs
+    return {"wall": wall, "tokens": tokens, "losses": [loss for _, loss in progress.losses]}
+
+
+def run_trl(base_dir: Path, data: list[dict], epochs: int, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from services.trainer.data import tokenize_sft
+    from services.trainer.sft import lora_config
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    losses: list[float] = []
+
+    class Losses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    config = SFTConfig(
+        output_dir=str(out),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=BATCH,
+        learning_rate=LEARNING_RATE,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        assistant_only_loss=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    dataset = Dataset.from_list([{"messages": row["messages"]} for row in data])
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        callbacks=[Losses()],
+    )
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    tokens = sum(len(tokenize_sft(tokenizer, row, 2048)["input_ids"]) for row in data) * epochs
+    return {"wall": wall, "tokens": tokens, "losses": losses}
+
+
+def child(which: str, base: str, n: int, epochs: int) -> None:
+    """One measured run; prints its result as JSON on the last line."""
+    from services.common.model_store import ensure_base_model
+
+    store = Path(os.environ.get("DISTILLERY_MODEL_STORE_DIR", ".distillery/models"))
+    base_dir = ensure_base_model(base, store_dir=store)
+    data = rows(n)
+    with tempfile.TemporaryDirectory() as out:
+        result = (run_ours if which == "ours" else run_trl)(base_dir, data, epochs, Path(out))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def measure(which: str, base: str, n: int, epochs: int) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--base",
+        base,
+        "--rows",
+        str(n),
+        "--epochs",
+        str(epochs),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{which} run on {base} failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["tokens_per_second"] = result["tokens"] / result["wall"]
+    result["final_loss"] = final_loss(result["losses"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", action="append", choices=BASES, help="repeatable; default: both")
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.base[0], args.rows, args.epochs)
+        return
+    summary = []
+    for base in args.base or BASES:
+        n = args.rows or DEFAULT_ROWS[base]
+        print(f"== {base}: {n} rows, {args.epochs} epoch(s), {BATCH} rows per step", flush=True)
+        results = {}
+        for which in ("ours", "trl"):
+            r = measure(which, base, n, args.epochs)
+            results[which] = r
+            print(
+                f"{which:>4}: {r['tokens_per_second']:8.1f} tokens/s  wall {r['wall']:6.1f} s  "
+                f"peak RSS {r['peak_rss_mb']:6.0f} MB  final loss {r['final_loss']:.3f}",
+                flush=True,
+            )
+        ours, trl = results["ours"], results["trl"]
+        summary.append(
+            f"{base}: sft tokens/s vs plain trl: {ours['tokens_per_second'] / trl['tokens_per_second']:.2f}x "
+            f"(ours {ours['tokens_per_second']:.0f}, trl {trl['tokens_per_second']:.0f}, "
+            f"final loss {ours['final_loss']:.3f} vs {trl['final_loss']:.3f})"
+        )
+    print()
+    for line in summary:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
