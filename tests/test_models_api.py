@@ -459,3 +459,51 @@ async def test_migration_matches_the_tables_and_events_apply_on_both_databases(d
         assert model.status == "DEPLOYED" and model.adapter_uri == "fine_tunes/a/" and counts == {"f": 1}
     finally:
         await engine.dispose()
+
+
+# --- end to end with the trainer -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_end_to_end_dataset_to_deployed_model_on_tiny_chat(
+    running: RunningPlatform, project: Project
+) -> None:
+    dataset_id = await make_dataset(project, rows(8))
+    op = openpipe_sdk(project)
+    await asyncio.to_thread(
+        op.create_model,
+        dataset_id=dataset_id,
+        slug="tiny-e2e",
+        training_config={"provider": "openpipe", "baseModel": TINY, "sft_hyperparameters": {"num_epochs": 1}},
+    )
+    async with project.client() as http:
+        job_id = (await http.get("/models/tiny-e2e")).json()["openpipe"]["jobId"]
+    seen: set[str] = set()
+
+    async def deployed() -> bool:
+        status = (await asyncio.to_thread(op.get_model, model_slug="tiny-e2e")).openpipe.status.value
+        seen.add(status)
+        assert status != "ERROR", (await asyncio.to_thread(op.get_model, model_slug="tiny-e2e")).openpipe
+        return status == "DEPLOYED"
+
+    await wait_until(deployed, timeout=240, what="tiny-e2e DEPLOYED")
+    assert "TRAINING" in seen or "QUEUED" in seen
+    async with project.client() as http:
+        model = (await http.get("/models/tiny-e2e")).json()
+        job = (await http.get(f"/fine_tuning/jobs/{job_id}")).json()
+        events = (await http.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 1000})).json()["data"]
+    assert (
+        job["status"] == "succeeded" and job["fine_tuned_model"] == "tiny-e2e" and job["trained_tokens"] > 0
+    )
+    assert job["cost_usd"] > 0 and model["openpipe"]["trainedTokens"] == job["trained_tokens"]
+    assert any(e["type"] == "metrics" and "train_loss" in e["data"] for e in events)
+    [record] = await read_topic(
+        running,
+        CATALOG_TOPIC,
+        lambda v: v["id"] == f"{project.id}/tiny-e2e" and v["data"]["status"] == "DEPLOYED",
+    )
+    adapter = record["data"]["adapter_uri"].rstrip("/") + "/"
+    stored = await running.platform.blobs.list(adapter)
+    names = {key.rsplit("/", 1)[-1] for key in stored}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names, stored
+    assert job["loss_curve"] and await running.platform.blobs.exists(job["loss_curve"])
