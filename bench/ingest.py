@@ -31,6 +31,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -688,7 +689,31 @@ def report_run(stack: Stack, pool_path: Path, args) -> ReportRun:
 
 
 class Stack(PlatformStack):
-    """The shared stack with two bench projects: one fed through Kafka, one through /report."""
+    """The shared stack with two bench projects: one fed through Kafka, one through /report.
+
+    ``durable`` (the default profile of ``distillery up``): Tansu keeps its log in an embedded
+    SeaweedFS (S3 storage engine), so what it acknowledged survives a crash; else in memory."""
+
+    durable = True
+    s3 = None
+
+    def start_broker(self) -> None:
+        if not self.durable:
+            super().start_broker()
+            return
+        from services.common.embedded_s3 import EmbeddedS3
+        from services.common.kafka import TansuBroker, free_port
+
+        self.data_dir.mkdir(parents=True)
+        self.s3 = EmbeddedS3(self.tmp / "s3")
+        self.s3.start()
+        self.tansu = TansuBroker.on_s3(self.s3, free_port(), self.tmp / "tansu.log")
+        self.tansu.start()
+
+    def stop(self) -> None:
+        super().stop()
+        if self.s3 is not None:
+            self.s3.stop()
 
     def start(self) -> None:
         self.start_broker()
@@ -713,7 +738,9 @@ class Stack(PlatformStack):
     def cpu(self) -> dict[str, float]:
         return {
             "platform": cpu_seconds(self.up.pid if self.up else None),
-            "tansu": cpu_seconds(self.tansu.process.pid if self.tansu and self.tansu.process else None),
+            # the broker with its storage (SeaweedFS) in the durable profile
+            "tansu": cpu_seconds(self.tansu.process.pid if self.tansu and self.tansu.process else None)
+            + cpu_seconds(self.s3.pid if self.s3 else None),
             "bench": self_cpu(),
             "machine": machine_busy(),
             "wall": time.time(),
@@ -856,6 +883,52 @@ def print_summary(
         )
 
 
+@dataclass
+class Startup:
+    cold: float  # launch -> first /report answered, on an empty data dir
+    warm: float  # the same on a restart of that data dir
+    stop: float  # SIGINT -> process gone (drained, broker and S3 stopped)
+
+
+def measure_startup(durable: bool) -> Startup:
+    """``distillery up`` with its own embedded broker (and S3), as a user runs it: seconds from
+    launch until ``POST /report`` is answered (401 without a key), twice, and the clean stop."""
+    from services.common.kafka import free_port
+
+    tmp = Path(tempfile.mkdtemp(prefix="distillery-startup-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
+    env["DISTILLERY_EMBEDDED_KAFKA_STORAGE"] = "s3" if durable else "memory"
+    times, stop_s = [], 0.0
+    try:
+        for _ in range(2):
+            port = free_port()
+            command = [sys.executable, "-m", "services.cli", "up", "--port", str(port)]
+            command += ["--grpc-port", str(free_port()), "--data-dir", str(tmp / "data")]
+            launched = time.time()
+            up = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            http = platform_stack.Http(port, timeout=2)
+            while True:
+                try:
+                    if http.request("POST", f"{API}/report", b"{}")[0] == 401:
+                        break
+                except OSError:
+                    pass
+                if up.poll() is not None or time.time() - launched > 120:
+                    raise RuntimeError("`distillery up` did not start")
+                time.sleep(0.02)
+            times.append(time.time() - launched)
+            http.close()
+            stopping = time.time()
+            up.send_signal(signal.SIGINT)
+            up.wait(60)
+            stop_s = time.time() - stopping
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Startup(times[0], times[1], stop_s)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--logs", type=int, default=100_000, help="events in the Kafka burst run")
@@ -870,6 +943,13 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.05, help="/logs/count poll interval, seconds")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the temp data dir (logs) for inspection")
+    parser.add_argument(
+        "--profile",
+        choices=("durable", "memory"),
+        default="durable",
+        help="Tansu storage: durable = S3 engine on an embedded SeaweedFS (the `up` default), or memory",
+    )
+    parser.add_argument("--no-startup", action="store_true", help="skip the start-up time measurement")
     args = parser.parse_args()
     # Clean up (stop `up` and Tansu, remove the temp dir) on Ctrl-C and on SIGTERM, even when
     # started in the background, where SIGINT arrives ignored.
@@ -881,6 +961,8 @@ def main() -> None:
     reports = sample_bodies(max(args.logs, n_paced, args.reports, 1), args.seed)
     sizes = [len(json.dumps(body)) for _, body in reports]
     burst = paced = report = rates = None
+    startup = None if args.no_startup else measure_startup(args.profile == "durable")
+    Stack.durable = args.profile == "durable"
     with Stack(args.keep) as stack:
         stack.start()
         pool_path = stack.tmp / "reports.tsv"
@@ -892,8 +974,8 @@ def main() -> None:
         load1, _, _ = os.getloadavg()
         print(
             f"Distillery ingest bench: {os.cpu_count()} CPUs (load average {load1:.1f}); platform = one "
-            f"`distillery up` process + Tansu, up in {time.time() - t_start:.1f} s; first log queryable "
-            f"{warm:.1f} s after its report"
+            f"`distillery up` process + Tansu ({args.profile} profile), up in {time.time() - t_start:.1f} s; "
+            f"first log queryable {warm:.1f} s after its report"
         )
         within = sum(1000 <= s <= 2048 for s in sizes) / len(sizes)
         print(
@@ -913,6 +995,12 @@ def main() -> None:
             report = report_run(stack, pool_path, args)
             rates = print_report(report)
     print_summary(burst, paced, report, rates)
+    if startup is not None:
+        print(
+            f"start-up ({args.profile}): launch -> /report answered {startup.cold:.1f} s on an empty "
+            f"data dir, {startup.warm:.1f} s on a restart; Ctrl-C -> stopped {startup.stop:.1f} s    "
+            f"target <= 3 s: {verdict(max(startup.cold, startup.warm) <= 3.0)}"
+        )
     print(f"\ntotal {time.time() - t_start:.0f} s")
 
 
