@@ -102,6 +102,18 @@ async def upload_and_wait(client: httpx.AsyncClient, dataset_id: str, data: byte
     return await wait_for_job(client, dataset_id, response.json()["id"])
 
 
+async def export_and_wait(client: httpx.AsyncClient, dataset_id: str) -> dict:
+    """``POST /export`` is a job: wait for it and return its result, the ``dataset.export``."""
+    response = await client.post(f"/datasets/{dataset_id}/export")
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["kind"] == "export" and response.headers["location"].endswith(f"/jobs/{job['id']}")
+    done = await wait_for_job(client, dataset_id, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["done"] == done["progress"]["total"] == done["result"]["entry_count"]
+    return done["result"]
+
+
 async def canonical_entries(sessions, dataset_id: str) -> list[bytes]:
     """What an entry *is*, independent of ids, timestamps and order."""
     async with sessions() as session:
@@ -478,9 +490,7 @@ async def test_export_reimports_to_an_identical_dataset(running: RunningPlatform
         source = await new_dataset(client, "source")
         assert (await upload_and_wait(client, source, jsonl(*MIXED_ROWS)))["status"] == "succeeded"
 
-        response = await client.post(f"/datasets/{source}/export")
-        assert response.status_code == 200, response.text
-        export = response.json()
+        export = await export_and_wait(client, source)
         assert export["object"] == "dataset.export" and export["dataset_id"] == source
         assert export["entry_count"] == len(MIXED_ROWS)
         assert export["url"] is None and export["url_expires"] is None  # file:// has no presigned URLs
@@ -517,7 +527,7 @@ async def test_export_reimports_to_an_identical_dataset(running: RunningPlatform
 async def test_export_of_an_empty_dataset_is_an_empty_file(project: Project) -> None:
     async with project.client() as client:
         dataset_id = await new_dataset(client)
-        export = (await client.post(f"/datasets/{dataset_id}/export")).json()
+        export = await export_and_wait(client, dataset_id)
         assert (export["entry_count"], export["bytes"]) == (0, 0)
         assert (await client.get(export["download"].removeprefix("/api/v1"))).content == b""
 
@@ -627,7 +637,7 @@ async def test_another_projects_dataset_is_not_found(
     async with owner.client() as mine, other.client() as theirs:
         dataset_id = await new_dataset(mine)
         job = await upload_and_wait(mine, dataset_id, jsonl(line("private")))
-        export = (await mine.post(f"/datasets/{dataset_id}/export")).json()
+        export = await export_and_wait(mine, dataset_id)
         snapshot = (await mine.post(f"/datasets/{dataset_id}/snapshots")).json()
 
         assert_error(await upload(theirs, dataset_id, jsonl(line("intruder"))), 404)
@@ -685,7 +695,7 @@ async def test_upload_export_snapshot_round_trip_on_s3(s3_platform: Platform) ->
         assert upload_job["status"] == "succeeded", upload_job
         assert upload_job["result"]["file"]["uri"].startswith("s3://")
 
-        export = (await client.post(f"/datasets/{source}/export")).json()
+        export = await export_and_wait(client, source)
         assert export["uri"].startswith("s3://") and export["entry_count"] == len(MIXED_ROWS)
         assert export["url"] and export["url_expires"]
         body = (await client.get(export["download"].removeprefix("/api/v1"))).content

@@ -4,13 +4,14 @@
   (kind ``upload``) reads it back line by line and adds entries in batches, committing progress
   (lines done / total) with each batch. Bad lines are reported as ``line N: ...`` and never sink
   the file.
-- Export: every entry as one ``to_training_row`` line at ``exports/<project>/<dataset>/<ts>.jsonl``;
-  uploading that file again gives the same dataset.
+- Export: a ``DatasetJob`` (kind ``export``) writes every entry as one ``to_training_row`` line at
+  ``exports/<project>/<dataset>/<ts>.jsonl``, reading in primary-key order (sequential reads) and
+  committing progress about once a second; uploading that file again gives the same dataset.
 - Snapshot: the dataset with its pruning rules applied, frozen as an immutable, content-addressed
   ``snapshots/<dataset>/<sha256>.jsonl``. The trainer and eval read these.
 
-Entries are read page by page in (content_hash, id) order, backed by the dataset/hash index: no
-whole dataset is ever held in memory, and the order depends only on the content.
+Snapshots read entries page by page in (content_hash, id) order, backed by the dataset/hash index,
+so that the order depends only on the content; no whole dataset is ever held in memory.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -39,7 +40,7 @@ from services.api.datasets.jobs import create_job, finish, record_progress
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob, DatasetSnapshot, PruningRule
 from services.api.datasets.rows import to_training_row
 from services.api.datasets.service import add_entries, get_dataset, iso, lock_dataset, new_id, now
-from services.common.blobstore import BlobStore
+from services.common.blobstore import BlobStore, BlobStoreError
 from services.common.errors import APIError, bad_request
 from services.common.http import API_PREFIX, loads_json
 from services.common.pruning import apply_pruning_rules
@@ -49,6 +50,8 @@ UPLOAD_BATCH_LINES = 1000  # rows per add_entries call and per progress commit
 MAX_LINE_BYTES = 64 * 1024 * 1024  # a longer line is reported, never buffered whole
 ENTRY_PAGE = 1000
 EXPORT_URL_TTL = timedelta(hours=1)
+EXPORT_JOB = "export"
+EXPORT_PROGRESS_SECONDS = 1.0
 EXPORT_NAME_FORMAT = "%Y%m%dT%H%M%S%fZ"
 EXPORT_NAME_PATTERN = r"^\d{8}T\d{12}Z\.jsonl$"
 _BOM = b"\xef\xbb\xbf"
@@ -110,6 +113,31 @@ async def entry_pages(
         if len(rows) < page_size:
             return
         last = (rows[-1].content_hash, rows[-1].id)
+
+
+async def entry_pages_by_id(
+    *, session: AsyncSession, dataset_id: str, page_size: int = ENTRY_PAGE
+) -> AsyncIterator[list[Row]]:
+    """The dataset's entries in primary-key order, ``page_size`` rows at a time (exports).
+
+    Ids are time-ordered, so this is the order rows were added and lie on disk: sequential reads,
+    where content-hash order (snapshots) reads a large dataset at random.
+    """
+    # ``dataset_id || ''`` keeps the planner on the primary key's ordered range scan; on the
+    # dataset index it would sort every remaining row of the dataset again for each page.
+    same_dataset = DatasetEntry.dataset_id.concat("") == dataset_id
+    last: str | None = None
+    while True:
+        query = select(*_ENTRY_COLUMNS).where(same_dataset)
+        if last is not None:
+            query = query.where(DatasetEntry.id > last)
+        rows = list(await session.execute(query.order_by(DatasetEntry.id).limit(page_size)))
+        if not rows:
+            return
+        yield rows
+        if len(rows) < page_size:
+            return
+        last = rows[-1].id
 
 
 def _training_row(row: Row, messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -345,21 +373,80 @@ class Export:
 
 
 async def _export_lines(session: AsyncSession, dataset_id: str) -> AsyncIterator[list[bytes]]:
-    async for page in entry_pages(session=session, dataset_id=dataset_id):
+    async for page in entry_pages_by_id(session=session, dataset_id=dataset_id):
         yield [_dumps(_training_row(row, row.messages)) + b"\n" for row in page]
 
 
-async def export_dataset(
-    *, session: AsyncSession, blobs: BlobStore, dataset: Dataset, workdir: Path | None = None
-) -> Export:
-    """Write the dataset as JSONL (re-importable by upload) to the blob store, streaming page by page."""
+async def start_export(*, session: AsyncSession, dataset: Dataset) -> DatasetJob:
+    """The export job, queued; ``run_export`` does the work and reports progress on it."""
+    total = await session.scalar(
+        select(func.count()).select_from(DatasetEntry).where(DatasetEntry.dataset_id == dataset.id)
+    )
+    return await create_job(
+        session=session, project_id=dataset.project_id, dataset_id=dataset.id, kind=EXPORT_JOB, total=total
+    )
+
+
+async def _export_progress(sessions: async_sessionmaker[AsyncSession], job_id: str, done: int) -> None:
+    async with sessions.begin() as session:
+        job = await session.get(DatasetJob, job_id)
+        if job is None:
+            raise _DatasetGone
+        record_progress(job, done=done)
+
+
+async def run_export(
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    blobs: BlobStore,
+    job_id: str,
+    workdir: Path | None = None,
+) -> None:
+    """The export job: the dataset as JSONL (re-importable by upload) to the blob store, written page
+    by page with progress; the job's ``result`` is the ``dataset.export`` (name, download route, ...)."""
+    async with sessions.begin() as session:
+        job = await session.get(DatasetJob, job_id)
+        if job is None:
+            return
+        record_progress(job, status="running")
+        project_id, dataset_id = job.project_id, job.dataset_id
     moment = now()
     name = f"{moment.strftime(EXPORT_NAME_FORMAT)}.jsonl"
-    key = export_key(dataset.project_id, dataset.id, name)
-    async with _scratch_file(workdir, ".jsonl") as path:
-        written = await _write_jsonl(path, _export_lines(session, dataset.id))
-        uri = await blobs.put_file(key, path, content_type=NDJSON)
-    return Export(dataset.id, name, key, uri, written.entry_count, written.size, moment)
+    key = export_key(project_id, dataset_id, name)
+    written = 0
+    reported = asyncio.get_running_loop().time()
+
+    async def pages() -> AsyncIterator[list[bytes]]:
+        nonlocal written, reported
+        async with sessions() as session:
+            async for lines in _export_lines(session, dataset_id):
+                yield lines
+                written += len(lines)
+                if asyncio.get_running_loop().time() - reported >= EXPORT_PROGRESS_SECONDS:
+                    await _export_progress(sessions, job_id, written)
+                    reported = asyncio.get_running_loop().time()
+
+    try:
+        async with _scratch_file(workdir, ".jsonl") as path:
+            result = await _write_jsonl(path, pages())
+            uri = await blobs.put_file(key, path, content_type=NDJSON)
+    except _DatasetGone:
+        return
+    except BlobStoreError as exc:
+        async with sessions.begin() as session:
+            if (job := await session.get(DatasetJob, job_id)) is not None:
+                record_progress(job, errors=[{"message": f"the blob store is unavailable: {exc}"}])
+                finish(job)
+                job.status = "failed"  # no file was stored, whatever progress says
+        return
+    export = Export(dataset_id, name, key, uri, result.entry_count, result.size, moment)
+    out = await export_out(export, blobs)
+    async with sessions.begin() as session:
+        job = await session.get(DatasetJob, job_id)
+        if job is None:
+            return
+        record_progress(job, done=result.entry_count, total=result.entry_count)
+        finish(job, result=out.model_dump())
 
 
 async def export_out(export: Export, blobs: BlobStore) -> DatasetExportOut:

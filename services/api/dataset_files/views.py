@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.dataset_files import service
-from services.api.dataset_files.models import DatasetExportOut, DatasetSnapshotList, DatasetSnapshotOut
+from services.api.dataset_files.models import DatasetSnapshotList, DatasetSnapshotOut
 from services.api.dataset_files.spool import spool_upload
 from services.api.datasets.jobs import run_in_background
 from services.api.datasets.models import DatasetSnapshot
@@ -101,18 +101,22 @@ async def upload_file(
 # --- export ----------------------------------------------------------------------------------
 
 
-@router.post("/datasets/{dataset_id}/export", response_model=DatasetExportOut)
+@router.post("/datasets/{dataset_id}/export", response_model=JobOut, status_code=202)
 async def export_dataset(
-    dataset_id: str, d: FilesDeps = Depends(deps), project_id: str = Depends(require_project)
-) -> DatasetExportOut:
-    async with d.sessions() as session:
+    dataset_id: str,
+    response: Response,
+    d: FilesDeps = Depends(deps),
+    project_id: str = Depends(require_project),
+) -> JobOut:
+    """A job writing the dataset as JSONL to the blob store; poll ``Location`` (the job): on success
+    its ``result`` is the ``dataset.export`` (``download`` route, presigned ``url`` on S3, sizes)."""
+    async with d.sessions.begin() as session:
         dataset = await get_dataset(session=session, project_id=project_id, dataset_id=dataset_id)
-        with _blob_store_errors():
-            export = await service.export_dataset(
-                session=session, blobs=d.blobs, dataset=dataset, workdir=d.scratch
-            )
-    with _blob_store_errors():
-        return await service.export_out(export, d.blobs)
+        job = await service.start_export(session=session, dataset=dataset)
+    work = partial(service.run_export, sessions=d.sessions, blobs=d.blobs, job_id=job.id, workdir=d.scratch)
+    run_in_background(d.sessions, job.id, work)
+    response.headers["Location"] = f"{API_PREFIX}/datasets/{dataset_id}/jobs/{job.id}"
+    return job_out(job)
 
 
 @router.get("/datasets/{dataset_id}/exports/{name}")
