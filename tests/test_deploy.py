@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from functools import cache
 from pathlib import Path
@@ -379,11 +380,6 @@ def test_every_manifest_is_valid_kubernetes(rendered) -> None:
         if doc["kind"] in CUSTOM_KINDS:
             continue
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-    for config in by_kind(documents, "ConfigMap").values():
-        if "job.yaml" in config.get("data", {}):
-            kubernetes_validate.validate(
-                yaml.safe_load(config["data"]["job.yaml"]), KUBERNETES_VERSION, strict=True
-            )
 
 
 def test_schema_validation_is_real() -> None:
@@ -496,6 +492,7 @@ def test_trainer_launcher_may_only_manage_jobs_and_read_logs() -> None:
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
     assert rules == {
         (("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"},
+        (("batch",), ("jobs/status",)): {"get"},
         (("",), ("pods/log",)): {"get"},
     }
     (binding,) = by_kind(documents, "RoleBinding").values()
@@ -503,24 +500,58 @@ def test_trainer_launcher_may_only_manage_jobs_and_read_logs() -> None:
     launcher = by_kind(documents, "Deployment")["distillery-trainer"]["spec"]["template"]["spec"]
     assert launcher["serviceAccountName"] == binding["subjects"][0]["name"] == "distillery-trainer"
     assert binding["subjects"][0]["namespace"] == "distillery"
-    assert "nvidia.com/gpu" not in json.dumps(launcher), "the launcher itself needs no GPU"
-    env = {e["name"]: e for e in launcher["containers"][0]["env"]}
-    assert env["DISTILLERY_TRAINER_JOB_TEMPLATE"]["value"] == "/etc/distillery/trainer/job.yaml"
-    assert env["DISTILLERY_TRAINER_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert "nvidia.com/gpu" not in json.dumps(launcher["containers"][0]["resources"])
+    # Off by default: no launcher, no RBAC.
+    assert "distillery-trainer" not in by_kind(rendered_default(), "Deployment")
 
 
-def test_trainer_job_template_runs_on_a_gpu_node_with_the_model_store() -> None:
-    config = by_kind(rendered_production(), "ConfigMap")["distillery-trainer-job"]
-    job = yaml.safe_load(config["data"]["job.yaml"])
+def launcher_settings(documents: tuple[dict, ...], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The trainer launcher's Settings, read from the environment the rendered pod would have."""
+    from services.common.settings import Settings
+
+    (container,) = by_kind(documents, "Deployment")["distillery-trainer"]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {}
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif var["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[var["name"]] = "distillery"
+    config = by_kind(documents, "ConfigMap")["distillery-config"]["data"]
+    for name in [k for k in os.environ if k.startswith("DISTILLERY_")]:
+        monkeypatch.delenv(name)
+    for name, value in {**config, **env}.items():
+        monkeypatch.setenv(name, value)
+    return Settings()
+
+
+def test_trainer_jobs_built_from_the_chart_values_are_valid_gpu_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's own code (services/trainer/k8s.py) builds a Job from the rendered settings;
+    that Job is valid Kubernetes, on a GPU node, with the model-store claim and the chart's Secret."""
+    k8s_jobs = pytest.importorskip("services.trainer.k8s")
+    from kubernetes.client import ApiClient
+
+    from services.common.events import TrainingRequest
+
+    settings = launcher_settings(rendered_production(), monkeypatch)
+    assert settings.trainer_backend == "kubernetes" and settings.trainer_k8s_namespace == "distillery"
+    request = TrainingRequest(
+        request_id="ftjob-1:0",
+        job_id="ftjob-1",
+        project_id="proj-1",
+        model_slug="my-model",
+        base_model="distillery/tiny-chat",
+    )
+    job = ApiClient().sanitize_for_serialization(k8s_jobs.job_manifest(settings, request, 1))
+    kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "registry.example.com/distillery-cuda:0.1.0"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["resources"]["limits"]["memory"] == "96Gi"
     assert pod["nodeSelector"]["nvidia.com/gpu.present"] == "true"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["model-store"]["persistentVolumeClaim"]["claimName"] == "distillery-model-store"
-    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
-    assert container["securityContext"]["readOnlyRootFilesystem"]
-    # Off by default: no launcher, no RBAC, no Job template.
-    assert "distillery-trainer-job" not in by_kind(rendered_default(), "ConfigMap")
+    assert container["envFrom"] == [{"secretRef": {"name": "distillery-secrets"}}]
