@@ -36,7 +36,7 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("api", "ingest", "router", "relabel", "judge", "eval", "trainer")
+SERVICES = ("api", "ingest", "router", "relabel", "judge", "eval", "trainer", "serving")
 Hook = Callable[[], Awaitable[None]]
 
 

@@ -16,9 +16,9 @@ import pytest
 import uvicorn
 
 from services.common.kafka import free_port
-from services.serving.app import create_app
 from services.serving.engine import Engine, SamplingParams, Sequence, collect, threadsafe_emitter
 from services.serving.registry import ModelRegistry
+from services.serving.server import create_app
 from tests.helpers_serving import (
     BONJOUR_ANSWER,
     HELLO,

@@ -281,3 +281,58 @@ async def test_model_server_restarted_mid_stream(
         model="openpipe:long-winded", messages=HELLO, temperature=0
     )
     assert completion.choices[0].message.content == HELLO_ANSWER
+
+
+async def provisioning_model(running: RunningPlatform, project: Project, slug: str, adapter_uri: str) -> None:
+    """A trained Model as the fine-tuning api leaves it (PROVISIONING), published on catalog.v1."""
+    from services.api.fine_tuning import service as fine_tuning
+    from services.api.fine_tuning.models import FineTunedModel
+
+    async with running.platform.state["sessions"].begin() as session:
+        model = FineTunedModel(
+            id=f"model-{slug}-{project.id[-6:]}",
+            project_id=project.id,
+            slug=slug,
+            dataset_id="ds-test",
+            provider="openpipe",
+            base_model=TEST_BASE,
+            hyperparameters={},
+            pruning_rule_ids=[],
+            pruning_rules=[],
+            status="PROVISIONING",
+            adapter_uri=adapter_uri,
+            created_at=fine_tuning.now(),
+            updated_at=fine_tuning.now(),
+        )
+        session.add(model)
+        await session.flush()
+        await fine_tuning.publish_records(
+            broker=running.platform.broker, records=[fine_tuning.model_record(model, None)], timeout=10
+        )
+
+
+async def test_trained_model_is_deployed_only_once_its_adapter_answers(
+    served_platform: RunningPlatform, project: Project
+) -> None:
+    await provisioning_model(served_platform, project, "fresh", serving_assets().adapter_b)
+    await provisioning_model(served_platform, project, "broken", "fine_tunes/p/broken/job/adapter")
+    client = sdk(project)
+    with pytest.raises(openai.BadRequestError) as early:  # not callable while provisioning
+        await client.chat.completions.create(model="openpipe:broken", messages=HELLO)
+    assert early.value.body["code"] == "model_not_deployed"
+
+    async def status(slug: str) -> dict:
+        async with project.client() as http:
+            return (await http.get(f"/models/{slug}")).json()["openpipe"]
+
+    await wait_until(lambda: _status_is(status, "fresh", "DEPLOYED"), timeout=60, what="fresh DEPLOYED")
+    answer = await client.chat.completions.create(model="openpipe:fresh", messages=HELLO, temperature=0)
+    assert answer.choices[0].message.content == "Bonjour from B!"
+
+    await wait_until(lambda: _status_is(status, "broken", "ERROR"), timeout=60, what="broken ERROR")
+    broken = await status("broken")
+    assert "Deployment failed" in broken["errorMessage"] and "blob store" in broken["errorMessage"]
+
+
+async def _status_is(status, slug: str, expected: str) -> bool:
+    return (await status(slug))["status"] == expected

@@ -9,6 +9,7 @@ from services.api.dataset_files.views import UPLOAD_PATH
 from services.api.dataset_files.views import router as dataset_files_router
 from services.api.criteria.wiring import setup_criteria
 from services.api.datasets.views import router as datasets_router
+from services.api.deployments.wiring import setup_deployments
 from services.api.evals.wiring import setup_evals
 from services.api.fine_tuning import openai_provider
 from services.api.fine_tuning import service as fine_tuning
@@ -69,6 +70,7 @@ async def setup(platform: Platform) -> None:
     setup_criteria(platform)  # criteria, alignment sets, judgements.v1 consumer
     platform.routers.append(fine_tuning_router)
     register_events_consumer(platform.broker, sessions, settings)
+    setup_deployments(platform)  # trained models: DEPLOYED once their adapter answers a probe
     setup_evals(platform, sessions)  # graders and evals routes, eval.events.v1 consumer
     # JSONL upload, export and snapshots go through the blob store (file:// or S3).
     platform.state["blobs"] = platform.blobs

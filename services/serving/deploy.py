@@ -16,7 +16,7 @@ import httpx
 
 from services.common.blobstore import BlobStore
 from services.common.settings import Settings
-from services.serving.vllm import ServingError, VLLMServer, error_message
+from services.serving.vllm import ServerUnreachable, ServingError, VLLMServer, error_message
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ async def probe(http: httpx.AsyncClient, url: str, model: str) -> None:
     try:
         response = await http.post(f"{url}/v1/chat/completions", json=body)
     except httpx.HTTPError as exc:
-        raise ServingError(f"the model server at {url} is unreachable: {type(exc).__name__}") from None
+        raise ServerUnreachable(f"the model server at {url} is unreachable: {type(exc).__name__}") from None
     if response.status_code != 200:
         raise ServingError(f"the probe request failed ({response.status_code}): {error_message(response)}")
     choices = response.json().get("choices")
@@ -62,7 +62,7 @@ async def deploy_adapter(
             try:
                 response = await client.post(f"{url}/v1/load_lora_adapter", json=body)
             except httpx.HTTPError as exc:
-                raise ServingError(
+                raise ServerUnreachable(
                     f"the model server at {url} is unreachable: {type(exc).__name__}"
                 ) from None
             if response.status_code != 200:

@@ -1,17 +1,71 @@
-"""Wiring of the local model server from settings (used by ``__main__`` and by tests)."""
+"""The local model server's HTTP app — OpenAI ``/v1/chat/completions`` (JSON and SSE),
+``/v1/models``, vLLM's runtime LoRA routes ``/v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``
+— and its wiring from settings (used by ``__main__`` and by tests)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import orjson
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from services.common.blobstore import blob_store_from_url
+from services.common.errors import install_error_handlers
 from services.common.settings import Settings
-from services.serving.app import create_app
+from services.serving.completions import complete, parse_body, prepare, stream
+from services.serving.protocol import LoadAdapter, UnloadAdapter
 from services.serving.registry import ModelRegistry
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def create_app(registry: ModelRegistry, *, preload: tuple[str, ...] = ()) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for base in preload:
+            await registry.engine(base)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(registry.stop)
+
+    app = FastAPI(title="Distillery model server", lifespan=lifespan)
+    install_error_handlers(app)
+    app.state.registry = registry
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "bases": sorted(registry.engines), "adapters": len(registry.adapters)}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": registry.listing()}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await parse_body(request)
+        prepared = await prepare(registry, body)
+        if body.stream:
+            return StreamingResponse(stream(prepared), media_type="text/event-stream", headers=SSE_HEADERS)
+        return Response(orjson.dumps(await complete(prepared)), media_type="application/json")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadAdapter) -> PlainTextResponse:
+        await registry.load_adapter(body.lora_name, body.lora_path, body.base_model)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadAdapter) -> PlainTextResponse:
+        registry.unload_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    return app
 
 
 def model_store_dir(settings: Settings) -> Path:

@@ -31,6 +31,10 @@ class ServingError(Exception):
     """A model server refused or failed to make a model servable; the message says why."""
 
 
+class ServerUnreachable(ServingError):
+    """The model server did not answer at all (starting, restarting): worth trying again."""
+
+
 def error_message(response: httpx.Response) -> str:
     """vLLM answers errors as ``{"error": {...}}`` (recent) or ``{"object": "error", "message"}`` (older)."""
     try:
@@ -121,7 +125,7 @@ class VLLMServer:
         try:
             response = await self._http.get(f"{self.base_url}/v1/models")
         except httpx.HTTPError as exc:
-            raise ServingError(f"vLLM at {self.base_url} is unreachable: {type(exc).__name__}") from None
+            raise ServerUnreachable(f"vLLM at {self.base_url} is unreachable: {type(exc).__name__}") from None
         if response.status_code != 200:
             raise ServingError(f"vLLM /v1/models answered {response.status_code}: {error_message(response)}")
         return [m["id"] for m in response.json().get("data", [])]
@@ -130,4 +134,4 @@ class VLLMServer:
         try:
             return await self._http.post(f"{self.base_url}{path}", json=body)
         except httpx.HTTPError as exc:
-            raise ServingError(f"vLLM at {self.base_url} is unreachable: {type(exc).__name__}") from None
+            raise ServerUnreachable(f"vLLM at {self.base_url} is unreachable: {type(exc).__name__}") from None
