@@ -1,0 +1,124 @@
+"""Clean shutdown and process lifetime: 503 + Retry-After once stopping, consumers finish the batch
+in hand before they stop, children never outlive the platform, two installs never collide."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import orjson
+from pydantic import BaseModel
+
+from services.common.children import port_open
+from services.common.dlq import subscribe_with_dlq
+from services.common.embedded import Embedded
+from services.common.events import dlq_topic
+from services.common.kafka import ensure_topics, make_broker
+from services.common.settings import Settings
+from services.platform import FastRoutes
+from tests.conftest import BOOTSTRAP_KEY
+from tests.helpers_crash import wait_dead
+from tests.test_ingest_api import openai_body
+from tests.test_log_writer import committed_total, send_raw
+
+
+async def test_requests_arriving_while_stopping_get_503_with_retry_after(running) -> None:
+    platform = running.platform
+    stopping = FastRoutes(platform.app, platform.fast_routes, SimpleNamespace(stopping=True))
+    transport = httpx.ASGITransport(app=stopping)
+    headers = {"Authorization": f"Bearer {BOOTSTRAP_KEY}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=headers) as client:
+        for method, path in (("POST", "/api/v1/report"), ("GET", "/api/v1/logs"), ("GET", "/healthz")):
+            response = await client.request(method, path, json=openai_body() if method == "POST" else None)
+            assert response.status_code == 503, (path, response.text)
+            assert response.headers["retry-after"] == "2"
+            assert response.headers["connection"] == "close"
+            body = response.json()
+            assert body["error"]["code"] == "shutting_down" and "shutting down" in body["message"]
+    assert not platform.stopping  # the running platform itself still serves
+
+
+class Slow(BaseModel):
+    id: str
+
+
+async def test_stop_lets_a_consumer_finish_and_commit_the_batch_in_hand(running) -> None:
+    kafka_url, settings = running.settings.kafka_url, running.settings
+    topic = f"shutdown.{secrets.token_hex(4)}"
+    group = f"g-{topic}"
+    await ensure_topics(kafka_url, [topic, dlq_topic(topic)], partitions=1)
+    started, done = asyncio.Event(), []
+
+    broker = make_broker(kafka_url, graceful_timeout=10)
+
+    @subscribe_with_dlq(broker, topic, Slow, group_id=group, settings=settings)
+    async def handle(event: Slow) -> None:
+        started.set()
+        await asyncio.sleep(1.0)  # the effect takes a while
+        done.append(event.id)
+
+    await send_raw(kafka_url, topic, [orjson.dumps({"id": "in-hand"})], key=b"k")
+    await broker.start()
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+    finally:
+        await broker.stop()  # while the handler sleeps
+    assert done == ["in-hand"]
+    assert await committed_total(kafka_url, group, topic) == 1
+
+
+def test_two_installs_get_their_own_ports_and_reuse_them_on_restart(tmp_path: Path) -> None:
+    stacks = [Embedded(Settings(data_dir=tmp_path / name)) for name in ("a", "b")]
+    for stack in stacks:
+        stack.settings.data_dir.mkdir()
+        stack.begin()
+    try:
+        for stack in stacks:
+            stack.wait()
+        a, b = stacks
+        assert a.settings.kafka_url != b.settings.kafka_url and a.s3.port != b.s3.port
+        assert all(port_open(s.tansu.port) and port_open(s.s3.port) for s in stacks)
+        recorded = json.loads((tmp_path / "a" / "ports.json").read_text())["kafka"]
+        assert recorded == a.tansu.port
+    finally:
+        for stack in stacks:
+            stack.stop()
+    assert not port_open(recorded)
+    again = Embedded(Settings(data_dir=tmp_path / "a"))
+    again.begin()
+    try:
+        again.wait()
+        assert again.tansu.port == recorded  # clients of the last run find the broker again
+    finally:
+        again.stop()
+
+
+def test_children_die_when_the_platform_process_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the parent: the kernel kills the broker and S3 children too (PR_SET_PDEATHSIG)."""
+    script = textwrap.dedent(
+        f"""
+        import json, time
+        from pathlib import Path
+        from services.common.embedded import Embedded
+        from services.common.settings import Settings
+        stack = Embedded(Settings(data_dir=Path({str(tmp_path)!r})))
+        stack.begin(); stack.wait()
+        print(json.dumps([stack.tansu.pid, stack.s3.pid]), flush=True)
+        time.sleep(600)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        children = json.loads(parent.stdout.readline())
+        assert all(Path(f"/proc/{pid}").exists() for pid in children)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert not wait_dead(children), "a child outlived its killed parent"
