@@ -171,6 +171,7 @@ def main() -> int:
             stack.start_broker()
             _, key = stack.create_key("judge-bench")
             stack.start_platform()
+            print(f"platform pid {stack.up.pid}", flush=True)
             http = Http(stack.port, key)
             status, body = http.json(
                 "POST",

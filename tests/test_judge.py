@@ -5,6 +5,7 @@ best-of-N (op-criteria, via the openai SDK). Judge models are faked at the HTTP 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 
 import grpc
@@ -363,3 +364,72 @@ def test_catalog_versions_and_tombstones() -> None:
     catalog.apply(CatalogRecord(kind="criterion", id="p/tone", deleted=True))
     with pytest.raises(Exception, match="No criterion"):
         catalog.find("p", "tone")
+
+
+async def test_judgements_stored_once_and_poison_dead_lettered(
+    project: Project, running: RunningPlatform
+) -> None:
+    from services.common.events import JUDGEMENTS_TOPIC, DeadLetter, JudgementEvent, dlq_topic
+    from tests.test_log_writer import read_topic, send_raw
+
+    marker = secrets.token_hex(6)
+    event = JudgementEvent(
+        judgement_id=f"jdg_{marker}",
+        project_id=project.id,
+        criterion="ext",
+        criterion_version=3,
+        model="openai:gpt-4o-mini",
+        source="eval",
+        status="success",
+        score=1.0,
+        judgement="PASS",
+        prompt_tokens=100,
+        completion_tokens=20,
+        cost_usd=0.00003,
+        created_at=int(time.time() * 1000),
+    )
+    good = event.model_dump_json().encode()
+    poison = [b"not json " + marker.encode(), orjson.dumps({"judgement_id": f"x{marker}", "status": "maybe"})]
+    await send_raw(running.settings.kafka_url, JUDGEMENTS_TOPIC, [poison[0], good, poison[1], good], key=b"k")
+    async with project.client() as c:
+
+        async def stored() -> list:
+            return (await c.get("/criteria/ext/judgements")).json()["data"]
+
+        await wait_until(lambda: _at_least(stored, 1), what="the stored judgement")
+        rows = await stored()
+        assert len(rows) == 1  # delivered twice, stored once
+        assert rows[0]["criterionId"] == "ext@v3" and rows[0]["source"] == "eval"
+        assert rows[0]["usage"] == {
+            "prompt_tokens": 100,
+            "completion_tokens": 20,
+            "total_tokens": 120,
+            "cost_usd": 3e-05,
+        }
+
+    async def parked() -> list[DeadLetter]:
+        letters = [
+            DeadLetter.model_validate_json(v)
+            for v in await read_topic(running.settings.kafka_url, dlq_topic(JUDGEMENTS_TOPIC))
+        ]
+        return [d for d in letters if marker in d.payload]
+
+    await wait_until(lambda: _count(parked, 2), what="2 dead letters")
+    assert all("not a JudgementEvent" in d.reason for d in await parked())
+
+
+async def _count(fetch, n: int) -> bool:  # type: ignore[no-untyped-def]
+    return len(await fetch()) >= n
+
+
+def test_router_errors_become_model_errors() -> None:
+    from services.judge.client import model_error
+
+    def rpc(code: grpc.StatusCode, trailing: tuple = ()) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details="boom")
+
+    limited = model_error(rpc(grpc.StatusCode.RESOURCE_EXHAUSTED))
+    assert limited.retryable and limited.code == "rate_limited" and limited.status == 429
+    assert model_error(rpc(grpc.StatusCode.UNAVAILABLE)).retryable
+    missing = model_error(rpc(grpc.StatusCode.NOT_FOUND, (("error-code", "model_not_found"),)))
+    assert not missing.retryable and missing.code == "model_not_found" and missing.status == 400

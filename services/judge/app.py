@@ -15,6 +15,7 @@ from services.judge.criteria import CriteriaCatalog, catalog_sync
 from services.judge.service import Judge, JudgementRecorder
 from services.judge.views import router
 from services.relabel.service import InferenceClient
+from services.router.criteria import chat_caller
 
 if TYPE_CHECKING:
     from services.platform import Platform
@@ -38,8 +39,11 @@ async def setup(platform: Platform) -> None:
         )
 
     recorder = JudgementRecorder(publish)
+    # With the router in this process (distillery up), judge models are called on its ChatService
+    # directly: the same routing, retries and limits, without a gRPC round trip per verdict.
+    chat = platform.state.get("chat")
     judge = Judge(
-        router_caller(client),
+        chat_caller(chat) if chat is not None else router_caller(client),
         max_concurrency=settings.judge_project_max_concurrency,
         max_attempts=settings.judge_max_attempts,
         recorder=recorder.record,

@@ -1,16 +1,55 @@
-"""``judgements.v1`` → the ``criterion_judgements`` table (committed before the offsets are)."""
+"""``judgements.v1`` → the ``criterion_judgements`` table, in batches (committed before the offsets).
+
+A record that is not a valid ``JudgementEvent`` goes to ``judgements.v1.dlq`` with the reason; a
+database failure nacks the batch, which is read again (stored judgements are skipped by id).
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+
+from aiokafka import ConsumerRecord
 from faststream import AckPolicy
-from faststream.kafka import KafkaBroker
+from faststream.kafka import KafkaBroker, KafkaMessage
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.api.criteria.service import store_judgement
-from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent
+from services.api.criteria.service import store_judgements
+from services.common.events import JUDGEMENTS_TOPIC, DeadLetter, JudgementEvent, dlq_topic
 from services.common.settings import Settings
 
+log = logging.getLogger(__name__)
+
 JUDGEMENTS_GROUP = "api-judgements"
+
+
+def dead_letter(record: ConsumerRecord, reason: str) -> DeadLetter:
+    return DeadLetter(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        reason=reason[:2000],
+        key=record.key.decode(errors="replace") if record.key else None,
+        payload=(record.value or b"").decode(errors="replace"),
+        failed_at=int(time.time() * 1000),
+    )
+
+
+async def _raw_records(_msg: object) -> None:
+    """Decode in the handler, so a poison record reaches the DLQ instead of failing the batch forever."""
+    return None
+
+
+def decode(records: tuple[ConsumerRecord, ...]) -> tuple[list[JudgementEvent], list[DeadLetter]]:
+    events, dead = [], []
+    for record in records:
+        try:
+            events.append(JudgementEvent.model_validate_json(record.value or b""))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            dead.append(dead_letter(record, f"not a JudgementEvent: {first.get('loc')}: {first.get('msg')}"))
+    return events, dead
 
 
 def register_judgements_consumer(
@@ -18,12 +57,32 @@ def register_judgements_consumer(
 ) -> None:
     @broker.subscriber(
         JUDGEMENTS_TOPIC,
+        batch=True,
         group_id=JUDGEMENTS_GROUP,
         auto_offset_reset="earliest",
+        max_records=500,
+        batch_timeout_ms=200,
         heartbeat_interval_ms=settings.kafka_heartbeat_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         ack_policy=AckPolicy.NACK_ON_ERROR,
+        decoder=_raw_records,
     )
-    async def store(event: JudgementEvent) -> None:
-        async with sessions.begin() as session:
-            await store_judgement(session=session, event=event)
+    async def store(msg: KafkaMessage) -> None:
+        records: tuple[ConsumerRecord, ...] = msg.raw_message  # type: ignore[assignment]
+        events, dead = decode(records)
+        for letter in dead:
+            await broker.publish(
+                letter.model_dump(mode="json"),
+                dlq_topic(JUDGEMENTS_TOPIC),
+                key=letter.key and letter.key.encode(),
+            )
+            log.error(
+                "judgement at %s/%d@%d sent to DLQ: %s",
+                letter.topic,
+                letter.partition,
+                letter.offset,
+                letter.reason,
+            )
+        if events:
+            async with sessions.begin() as session:
+                await store_judgements(session=session, events=events)

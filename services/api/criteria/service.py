@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -506,33 +507,36 @@ async def get_job(*, session: AsyncSession, criterion: Criterion, job_id: str) -
     return job
 
 
-async def store_judgement(*, session: AsyncSession, event: JudgementEvent) -> bool:
-    """Store one verdict from ``judgements.v1``; False when it was already stored (a re-delivery)."""
-    from datetime import UTC, datetime
-
+async def store_judgements(*, session: AsyncSession, events: list[JudgementEvent]) -> int:
+    """Store verdicts from ``judgements.v1`` in one statement; ids already stored (a re-delivery)
+    are skipped. Returns how many were new."""
+    rows = {
+        event.judgement_id: {
+            "id": event.judgement_id,
+            "project_id": event.project_id,
+            "criterion": event.criterion,
+            "criterion_version": event.criterion_version,
+            "model": event.model,
+            "source": event.source[:24],
+            "status": event.status,
+            "score": event.score,
+            "judgement": event.judgement,
+            "explanation": event.explanation,
+            "error_code": event.error_code[:40] if event.error_code else None,
+            "prompt_tokens": event.prompt_tokens,
+            "completion_tokens": event.completion_tokens,
+            "cost_usd": event.cost_usd,
+            "latency_ms": event.latency_ms,
+            "created_at": datetime.fromtimestamp(event.created_at / 1000, UTC),
+        }
+        for event in events
+    }
+    if not rows:
+        return 0
     result = await session.execute(
-        _insert(session)(Judgement)
-        .values(
-            id=event.judgement_id,
-            project_id=event.project_id,
-            criterion=event.criterion,
-            criterion_version=event.criterion_version,
-            model=event.model,
-            source=event.source[:24],
-            status=event.status,
-            score=event.score,
-            judgement=event.judgement,
-            explanation=event.explanation,
-            error_code=(event.error_code or None) and event.error_code[:40],
-            prompt_tokens=event.prompt_tokens,
-            completion_tokens=event.completion_tokens,
-            cost_usd=event.cost_usd,
-            latency_ms=event.latency_ms,
-            created_at=datetime.fromtimestamp(event.created_at / 1000, UTC),
-        )
-        .on_conflict_do_nothing()
+        _insert(session)(Judgement).values(list(rows.values())).on_conflict_do_nothing()
     )
-    return bool(result.rowcount)
+    return max(result.rowcount or 0, 0)
 
 
 async def list_judgements(
