@@ -69,7 +69,24 @@ def _blob_store_errors() -> Iterator[None]:
 # --- upload ----------------------------------------------------------------------------------
 
 
-@router.post(UPLOAD_PATH, response_model=JobOut, status_code=202)
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+            "application/jsonl": {"schema": {"type": "array", "items": {"type": "object"}}},
+        },
+    }
+}
+
+
+@router.post(UPLOAD_PATH, response_model=JobOut, status_code=202, openapi_extra=UPLOAD_BODY)
 async def upload_file(
     dataset_id: str,
     request: Request,
