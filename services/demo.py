@@ -121,7 +121,7 @@ async def _wait_job(
     return job
 
 
-async def _build_dataset(client: httpx.AsyncClient, console: Console) -> None:
+async def _build_dataset(client: httpx.AsyncClient, console: Console) -> tuple[str, str] | None:
     """Curate the captured traffic: import one prompt's logs, prune its static prompt, freeze it."""
     prompt_id = "support-triage-v3"
     dataset = (await client.post("/datasets", json={"name": f"{prompt_id} (demo)"})).json()
@@ -136,13 +136,17 @@ async def _build_dataset(client: httpx.AsyncClient, console: Console) -> None:
     entries = (await client.get(f"/datasets/{dataset['id']}/entries", params={"limit": 1})).json()["data"]
     if not entries:
         console.print("no logs matched the demo prompt; skipping the dataset step")
-        return
+        return None
     system_prompt = entries[0]["messages"][0]["content"]
-    await client.post(f"/datasets/{dataset['id']}/pruning-rules", json={"text": system_prompt})
+    rule = (
+        await client.post(f"/datasets/{dataset['id']}/pruning-rules", json={"text": system_prompt})
+    ).json()
     preview = (
         await client.post(f"/datasets/{dataset['id']}/pruning-rules/preview", json={"limit": 1})
     ).json()
-    export = (await client.post(f"/datasets/{dataset['id']}/export")).json()
+    exporting = (await client.post(f"/datasets/{dataset['id']}/export")).json()  # a job since 170d03f
+    with _progress(console) as progress:
+        export = (await _wait_job(client, dataset["id"], exporting, progress, "exporting JSONL"))["result"]
     snapshot = (await client.post(f"/datasets/{dataset['id']}/snapshots")).json()
     stats = (await client.get(f"/datasets/{dataset['id']}")).json()
     table = Table(title=f"Dataset {dataset['id']} from the {prompt_id!r} logs")
@@ -166,6 +170,34 @@ async def _build_dataset(client: httpx.AsyncClient, console: Console) -> None:
         "snapshot for training", f"{snapshot['content_hash'][:16]}… ({snapshot['entry_count']} rows)"
     )
     console.print(table)
+    return dataset["id"], rule["id"]
+
+
+async def _train(client: httpx.AsyncClient, console: Console, dataset_id: str, rule_id: str) -> None:
+    """Fine-tune the tiny base on the dataset (its pruning rule copied onto the model) and follow the job."""
+    from services.api.fine_tuning import progress
+
+    body = progress.model_request(
+        dataset_id=dataset_id,
+        base_model="distillery/tiny-chat",
+        slug="support-triage-tiny",
+        epochs=1,
+        pruning_rule_ids=[rule_id],
+    )
+    created = await client.post("/models", json=body)
+    if created.status_code >= 400:
+        console.print(f"[red]training was refused: {created.json().get('message')}[/]")
+        return
+    model = created.json()
+    console.print(
+        f"training model [bold]{model['id']}[/] on distillery/tiny-chat (job {model['openpipe']['jobId']})"
+    )
+    job = await progress.watch_job_async(
+        client, model["openpipe"]["jobId"], console=console, poll_seconds=0.5, timeout=600
+    )
+    console.print(progress.summary(job))
+    status = (await client.get(f"/models/{model['id']}")).json()["openpipe"]["status"]
+    console.print(f"model {model['id']}: {status}")
 
 
 async def run_demo(*, data_dir: Path, n_logs: int, console: Console) -> None:
@@ -212,7 +244,9 @@ async def run_demo(*, data_dir: Path, n_logs: int, console: Console) -> None:
                 f"({(n_logs - failures) / elapsed:,.0f} logs/s), {failures} refused"
             )
             await _show_capabilities(client, console)
-            await _build_dataset(client, console)
+            built = await _build_dataset(client, console)
+            if built is not None:
+                await _train(client, console, *built)
     finally:
         server.should_exit = True
         await serving

@@ -3,6 +3,7 @@ rich progress bar (step / total, loss, tokens/s, ETA) until it finishes."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -21,16 +22,16 @@ from rich.progress import (
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def create_model(
-    http: httpx.Client,
+def model_request(
     *,
     dataset_id: str,
     base_model: str,
     slug: str,
     epochs: int | None = None,
     dpo: bool = False,
+    pruning_rule_ids: list[str] | None = None,
 ) -> dict[str, Any]:
-    """``POST /models``; raises RuntimeError with the api's message on a 4xx/5xx."""
+    """The ``POST /models`` body for a plain SFT (optionally + DPO) run."""
     sft: dict[str, Any] = {"batch_size": "auto"}
     if epochs is not None:
         sft["num_epochs"] = epochs
@@ -41,10 +42,15 @@ def create_model(
         "enable_preference_tuning": dpo,
         "sft_hyperparameters": sft,
     }
-    response = http.post("/models", json={"datasetId": dataset_id, "slug": slug, "trainingConfig": config})
-    if response.status_code >= 400:
-        raise RuntimeError(_message(response))
-    return response.json()
+    body = {"datasetId": dataset_id, "slug": slug, "trainingConfig": config}
+    if pruning_rule_ids:
+        body["pruningRuleIds"] = pruning_rule_ids
+    return body
+
+
+def create_model(http: httpx.Client, **request: Any) -> dict[str, Any]:
+    """``POST /models`` (see ``model_request``); RuntimeError with the api's message on a 4xx/5xx."""
+    return _job(http.post("/models", json=model_request(**request)))
 
 
 def _message(response: httpx.Response) -> str:
@@ -65,6 +71,49 @@ def _fields(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class JobBar:
+    """A rich progress bar for one fine-tuning job: status, step/total, loss, tokens/s, elapsed, ETA."""
+
+    def __init__(self, console: Console, label: str) -> None:
+        columns = (
+            TextColumn("[bold]{task.fields[status]:<16}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        self.progress = Progress(*columns, console=console, transient=False)
+        self.task = self.progress.add_task(label, total=None, status="…", loss="-", rate="-")
+
+    def __enter__(self) -> JobBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def show(self, job: dict[str, Any]) -> bool:
+        """Draw ``job`` (a ``GET /fine_tuning/jobs/{id}`` body); True once it is finished."""
+        progress = job.get("progress") or {}
+        total, step = progress.get("total_steps"), progress.get("step")
+        update: dict[str, Any] = _fields(job)
+        if isinstance(total, int) and total > 0:
+            update["total"] = total
+            update["completed"] = total if job["status"] == "succeeded" else min(step or 0, total)
+        self.progress.update(self.task, **update)
+        return job["status"] in TERMINAL
+
+
+def _job(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code >= 400:
+        raise RuntimeError(_message(response))
+    return response.json()
+
+
 def watch_job(
     http: httpx.Client,
     job_id: str,
@@ -74,38 +123,30 @@ def watch_job(
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Poll ``GET /fine_tuning/jobs/{id}`` and draw its progress until it is finished; returns the job."""
-    console = console or Console()
     deadline = None if timeout is None else time.monotonic() + timeout
-    columns = (
-        TextColumn("[bold]{task.fields[status]:<16}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[rate]} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(job_id, total=None, status="…", loss="-", rate="-")
+    with JobBar(console or Console(), job_id) as bar:
         while True:
-            response = http.get(f"/fine_tuning/jobs/{job_id}")
-            if response.status_code >= 400:
-                raise RuntimeError(_message(response))
-            job = response.json()
-            progress = job.get("progress") or {}
-            total, step = progress.get("total_steps"), progress.get("step")
-            update: dict[str, Any] = _fields(job)
-            if isinstance(total, int) and total > 0:
-                update["total"] = total
-                update["completed"] = total if job["status"] == "succeeded" else min(step or 0, total)
-            bar.update(task, **update)
-            if job["status"] in TERMINAL:
+            job = _job(http.get(f"/fine_tuning/jobs/{job_id}"))
+            if bar.show(job):
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout:.0f}s")
             time.sleep(poll_seconds)
+
+
+async def watch_job_async(
+    http: httpx.AsyncClient, job_id: str, *, console: Console, poll_seconds: float = 1.0, timeout: float
+) -> dict[str, Any]:
+    """``watch_job`` for async callers (the demo runs the platform in the same event loop)."""
+    deadline = time.monotonic() + timeout
+    with JobBar(console, job_id) as bar:
+        while True:
+            job = _job(await http.get(f"/fine_tuning/jobs/{job_id}"))
+            if bar.show(job):
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout:.0f}s")
+            await asyncio.sleep(poll_seconds)
 
 
 def summary(job: dict[str, Any]) -> str:
