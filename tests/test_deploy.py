@@ -46,6 +46,8 @@ REQUIRED_ENV = (
 # The trainer is a launcher Deployment plus GPU Jobs, configured under the top-level `trainer:`.
 TRAINER = "trainer"
 STATELESS_FRONT_DOORS = ("api", "ingest", "router")
+# Services that are plain servers, not the platform (no /readyz or /metrics): vLLM-style /health.
+PLAIN_SERVERS = {"serving"}
 # Custom resources kubernetes-validate has no schema for; checked field by field instead.
 CUSTOM_KINDS = {"ServiceMonitor"}
 
@@ -175,7 +177,8 @@ def test_compose_python_services_wait_for_healthy_infrastructure():
                 f"{name} does not wait for {infra}"
             )
             assert "healthcheck" in services[infra], f"{infra} has no healthcheck"
-        assert "/readyz" in " ".join(command_words(service["healthcheck"]["test"])), name
+        probe = " ".join(command_words(service["healthcheck"]["test"]))
+        assert ("/health" if name in PLAIN_SERVERS else "/readyz") in probe, name
 
 
 def test_compose_builds_from_the_shared_dockerfile():
@@ -555,3 +558,30 @@ def test_trainer_jobs_built_from_the_chart_values_are_valid_gpu_jobs(monkeypatch
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["model-store"]["persistentVolumeClaim"]["claimName"] == "distillery-model-store"
     assert container["envFrom"] == [{"secretRef": {"name": "distillery-secrets"}}]
+
+
+def test_local_model_server_behind_a_flag() -> None:
+    """services.serving is a plain model server: its own health path, no /metrics to scrape."""
+    documents = tuple(render({"services": {"serving": {"enabled": True}}, **scraped()}))
+    for doc in documents:
+        if doc["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    (container,) = by_kind(documents, "Deployment")["distillery-serving"]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    config = by_kind(documents, "ConfigMap")["distillery-config"]["data"]
+    assert config["DISTILLERY_MODEL_SERVER_URL"] == "http://distillery-serving:8080"
+    (monitor,) = by_kind(documents, "ServiceMonitor").values()
+    selected = monitor["spec"]["selector"]["matchLabels"]
+    services = by_kind(documents, "Service")
+    scraped_services = {n for n, s in services.items() if selected.items() <= s["metadata"]["labels"].items()}
+    assert "distillery-serving" not in scraped_services and "distillery-api" in scraped_services
+    assert (
+        "DISTILLERY_MODEL_SERVER_URL"
+        not in by_kind(rendered_default(), "ConfigMap")["distillery-config"]["data"]
+    )
+
+
+def scraped() -> dict:
+    return {"metrics": {"serviceMonitor": {"enabled": True}}}

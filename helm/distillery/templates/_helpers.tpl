@@ -100,19 +100,22 @@ A ServiceAccount name: the services' own (no API permissions) or the trainer lau
 {{- end -}}
 
 {{/*
-Liveness, readiness and start-up probes of every Distillery container. Call with the root.
+Liveness, readiness and start-up probes of every Distillery container. Call with
+(dict "root" $ "svc" $svc); a service may override the paths (probes.livenessPath / readinessPath).
 */}}
 {{- define "distillery.probes" -}}
-{{- $p := .Values.probes -}}
+{{- $p := .root.Values.probes -}}
+{{- $live := dig "probes" "livenessPath" $p.liveness.path .svc -}}
+{{- $ready := dig "probes" "readinessPath" $p.readiness.path .svc -}}
 startupProbe:
   httpGet:
-    path: {{ $p.liveness.path }}
+    path: {{ $live }}
     port: http
   periodSeconds: {{ $p.startup.periodSeconds }}
   failureThreshold: {{ $p.startup.failureThreshold }}
 livenessProbe:
   httpGet:
-    path: {{ $p.liveness.path }}
+    path: {{ $live }}
     port: http
   initialDelaySeconds: {{ $p.liveness.initialDelaySeconds }}
   periodSeconds: {{ $p.liveness.periodSeconds }}
@@ -120,7 +123,7 @@ livenessProbe:
   failureThreshold: {{ $p.liveness.failureThreshold }}
 readinessProbe:
   httpGet:
-    path: {{ $p.readiness.path }}
+    path: {{ $ready }}
     port: http
   initialDelaySeconds: {{ $p.readiness.initialDelaySeconds }}
   periodSeconds: {{ $p.readiness.periodSeconds }}
