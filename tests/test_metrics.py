@@ -148,3 +148,37 @@ async def test_readyz_is_503_naming_the_dependency_that_is_down(tmp_path) -> Non
     body = response.body.decode()
     assert '"kafka":"ConnectionError"' in body and '"blob_store":"ok"' in body
     assert down not in body  # answers never echo URLs (they may carry credentials)
+
+
+async def test_training_series_from_applied_events(running: RunningPlatform) -> None:
+    """The api applies every training.events.v1 event (local runs and Kubernetes pods alike); each
+    applied one updates jobs by status, tokens/s and loss."""
+    from services.common.events import TrainingEvent
+    from services.common.metrics import observe_training_event
+
+    before = await scrape(running)
+    job = "ftjob-metrics-test"
+    base = {"job_id": job, "project_id": "proj-x", "created_at": int(time.time())}
+    observe_training_event(TrainingEvent(event_id="e1", seq=1, type="status", status="running", **base))
+    observe_training_event(
+        TrainingEvent(
+            event_id="e2",
+            seq=2,
+            type="metrics",
+            data={"step": 3, "train_loss": 1.25, "tokens_per_second": 812.5},
+            **base,
+        )
+    )
+    observe_training_event(
+        TrainingEvent(event_id="e3", seq=3, type="metrics", data={"train_loss": "nan?"}, **base)
+    )
+    observe_training_event(TrainingEvent(event_id="e4", seq=4, type="status", status="succeeded", **base))
+    after = await scrape(running)
+    for status in ("running", "succeeded"):
+        assert (
+            total(after, "distillery_training_jobs_total", status=status)
+            - total(before, "distillery_training_jobs_total", status=status)
+            == 1
+        )
+    assert total(after, "distillery_training_loss", job=job) == 1.25  # a malformed value is ignored
+    assert total(after, "distillery_training_tokens_per_second", job=job) == 812.5

@@ -80,12 +80,10 @@ END_TO_END_LAG = Histogram(
 TRAINING_JOBS = Counter("distillery_training_jobs", "Training jobs reaching a status", ["status"])
 TRAINING_TOKENS_PER_SECOND = Gauge(
     "distillery_training_tokens_per_second",
-    "Training throughput of the latest step, by base model",
-    ["model"],
+    "Training throughput of the latest step, by job",
+    ["job"],
 )
-TRAINING_LOSS = Gauge(
-    "distillery_training_loss", "Loss of the latest training step, by base model", ["model"]
-)
+TRAINING_LOSS = Gauge("distillery_training_loss", "Training loss of the latest step, by job", ["job"])
 EVAL_ROWS = Counter("distillery_eval_rows", "Evaluation rows completed, by outcome", ["outcome"])
 JUDGE_JUDGEMENTS = Counter("distillery_judge_judgements", "Judgements made, by outcome", ["outcome"])
 
@@ -216,3 +214,19 @@ def observe_completion(
 
 def _count(value: object) -> int:
     return value if isinstance(value, int) and value > 0 else 0
+
+
+def observe_training_event(event: object) -> None:
+    """Jobs by status, tokens/s and loss from one applied ``training.events.v1`` event (the api applies
+    them all, from local runs and Kubernetes pods alike)."""
+    kind, job = getattr(event, "type", None), str(getattr(event, "job_id", ""))[:100]
+    status = getattr(event, "status", None)
+    if kind == "status" and status is not None:
+        TRAINING_JOBS.labels(str(status)).inc()
+    data = getattr(event, "data", None) or {}
+    if kind == "metrics" and isinstance(data, dict):
+        speed, loss = data.get("tokens_per_second"), data.get("train_loss")
+        if isinstance(speed, int | float) and not isinstance(speed, bool):
+            TRAINING_TOKENS_PER_SECOND.labels(job).set(speed)
+        if isinstance(loss, int | float) and not isinstance(loss, bool):
+            TRAINING_LOSS.labels(job).set(loss)

@@ -14,6 +14,7 @@ from faststream.kafka import KafkaBroker
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.fine_tuning import service
+from services.common import metrics
 from services.common.dlq import PoisonMessage, subscribe_with_dlq
 from services.common.events import TRAINING_EVENTS_TOPIC, TrainingEvent
 from services.common.settings import Settings
@@ -46,3 +47,5 @@ def register_events_consumer(
             raise PoisonMessage(str(exc)) from None
         if records is None:
             log.info("training event %s (seq %d) already applied; skipped", event.event_id, event.seq)
+        else:
+            metrics.observe_training_event(event)
