@@ -34,7 +34,7 @@ for path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(path))
 
 import httpx  # noqa: E402
-from platform_stack import PYTHON, Http, PlatformStack  # noqa: E402
+from platform_stack import PYTHON, Http, PlatformStack, cpu_seconds  # noqa: E402
 
 from services.common.kafka import free_port  # noqa: E402
 
@@ -107,7 +107,7 @@ async def chat_latencies(client: httpx.AsyncClient, rounds: int, criteria: bool)
     return out
 
 
-async def measure(port: int, key: str, requests: int, rounds: int) -> list[str]:
+async def measure(port: int, key: str, requests: int, rounds: int, pid: int) -> list[str]:
     lines = []
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
     async with httpx.AsyncClient(
@@ -119,13 +119,15 @@ async def measure(port: int, key: str, requests: int, rounds: int) -> list[str]:
         await judge_level(client, 4, 16)  # warm up connections and code paths
         lines.append(
             "| concurrency | judgements | judgements/s | latency p50 | overhead p50 / p99 "
-            "| judge's own p50 / p99 | failed |"
+            "| judge's own p50 / p99 | platform CPU per judgement | failed |"
         )
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|")
         one_judge = UPSTREAM_LATENCY
         for level in LEVELS:
             total = min(40, requests) if level == 1 else max(requests, level * 2)
+            cpu_before = cpu_seconds(pid)
             wall, latencies, own, failed = await judge_level(client, level, total)
+            cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, len(latencies))
             overhead = [(x - UPSTREAM_LATENCY) * 1000 for x in latencies]
             own_ms = [x * 1000 for x in own]
             if level == 1:
@@ -134,7 +136,7 @@ async def measure(port: int, key: str, requests: int, rounds: int) -> list[str]:
                 f"| {level} | {len(latencies)} | {len(latencies) / wall:.1f} | "
                 f"{pct(latencies, 50) * 1000:.1f} ms | "
                 f"{pct(overhead, 50):.1f} / {pct(overhead, 99):.1f} ms | "
-                f"{pct(own_ms, 50):.1f} / {pct(own_ms, 99):.1f} ms | {failed} |"
+                f"{pct(own_ms, 50):.1f} / {pct(own_ms, 99):.1f} ms | {cpu_ms:.1f} ms | {failed} |"
             )
             print(lines[-1], flush=True)
         await chat_latencies(client, 2, True)
@@ -195,7 +197,7 @@ def main() -> int:
                 lambda: http.json("POST", "/api/v1/criteria/judge", JUDGE_BODY)[0] == 200, 30, "judging"
             )
             http.close()
-            lines = asyncio.run(measure(stack.port, key, args.requests, args.rounds))
+            lines = asyncio.run(measure(stack.port, key, args.requests, args.rounds, stack.up.pid))
             print("\n".join(lines))
     finally:
         upstream.terminate()

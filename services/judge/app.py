@@ -8,12 +8,13 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent
+from services.common.http import API_PREFIX, BodySizeLimit
 from services.common.secrets import internal_token
 from services.judge import grpc as judge_grpc
 from services.judge.client import router_caller
 from services.judge.criteria import CriteriaCatalog, catalog_sync
 from services.judge.service import Judge, JudgementRecorder
-from services.judge.views import router
+from services.judge.views import JudgeEndpoint, router
 from services.relabel.service import InferenceClient
 from services.router.criteria import chat_caller
 
@@ -50,6 +51,10 @@ async def setup(platform: Platform) -> None:
     )
     platform.state["judge_service"] = JudgeService(catalog, judge)
     platform.routers.append(router)
+    endpoint = JudgeEndpoint(keyring=platform.keyring, service=platform.state["judge_service"])
+    platform.fast_routes[("POST", f"{API_PREFIX}/criteria/judge")] = BodySizeLimit(
+        endpoint, settings.max_body_bytes
+    )
     platform.grpc_servicers.append(
         partial(
             judge_grpc.add_to_server,
