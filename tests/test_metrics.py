@@ -13,6 +13,7 @@ from services.common import health
 from services.common.blobstore import FileBlobStore
 from services.common.kafka import free_port
 from tests.conftest import Project, RunningPlatform, wait_for_count, wait_until
+from tests.fake_judge import FakeJudge, create_criterion, fake_judge, use_fake_judge  # noqa: F401
 from tests.fake_upstream import OPENAI_KEY
 
 MESSAGES = [{"role": "user", "content": "metrics please"}]
@@ -182,3 +183,33 @@ async def test_training_series_from_applied_events(running: RunningPlatform) -> 
         )
     assert total(after, "distillery_training_loss", job=job) == 1.25  # a malformed value is ignored
     assert total(after, "distillery_training_tokens_per_second", job=job) == 812.5
+
+
+async def test_judge_series_after_judgements(
+    running: RunningPlatform,
+    project: Project,
+    fake_judge: FakeJudge,  # noqa: F811
+) -> None:
+    row = {"messages": [{"role": "user", "content": "What is the capital of Sweden?"}]}
+    async with project.client() as client:
+        await use_fake_judge(client, fake_judge)
+        await create_criterion(client, "capitals-metrics")
+        before = await scrape(running)
+        for answer in ("Stockholm", "Beijing [bad]"):
+            output = {"role": "assistant", "content": answer}
+            response = await client.post(
+                "/criteria/judge", json={"criterion_id": "capitals-metrics", "input": row, "output": output}
+            )
+            assert response.status_code == 200, response.text
+    after = await scrape(running)
+    for outcome in ("PASS", "FAIL"):
+        grew = total(after, "distillery_judge_judgements_total", outcome=outcome) - total(
+            before, "distillery_judge_judgements_total", outcome=outcome
+        )
+        assert grew == 1, outcome
+    route = "/api/v1/criteria/judge"
+    assert (
+        total(after, "distillery_http_requests_total", route=route, status="200")
+        - total(before, "distillery_http_requests_total", route=route, status="200")
+        == 2
+    )

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import orjson
 
+from services.common import metrics
 from services.common.events import JudgementEvent
 from services.ingest.pricing import cost_usd
 from services.judge.criteria import CriterionVersion
@@ -395,6 +396,7 @@ class Judge:
                 exc.status,
             )
         verdict.latency_ms = int((time.perf_counter() - started) * 1000)
+        metrics.JUDGE_JUDGEMENTS.labels(verdict.judgement or "error").inc()
         if self.recorder is not None:
             self.recorder(verdict.event(project_id, source))
         return verdict
