@@ -8,12 +8,15 @@ UTF-16 surrogates. Found by fuzzing: these reached SQLite, ClickHouse or orjson 
 
 from __future__ import annotations
 
+import grpc
 import httpx
 import orjson
 import pytest
 
-from tests.conftest import Project
+from services.common.grpc.distillery.v1 import inference_pb2
+from tests.conftest import Project, RunningPlatform
 from tests.test_dataset_files import wait_for_job
+from tests.test_grpc_inference import Stub, auth, trailing
 from tests.test_ingest_errors import assert_error
 
 BIG = "10000000000000000000000"  # 10^22
@@ -280,3 +283,19 @@ async def test_another_projects_key_and_missing_key_on_the_json_routes(project: 
         for path in ("/datasets", "/report", "/chat/completions"):
             response = await anonymous.post(path, content=b'{"x": NaN}')
             assert 400 <= response.status_code < 500, response.text
+
+
+async def test_grpc_request_json_follows_the_same_policy(running: RunningPlatform, project: Project) -> None:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.settings.grpc_port}")
+    stub = Stub(channel)
+    template = '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "seed": {v}}'
+    for value, reason in BAD_VALUES.values():
+        body = template.replace("{v}", value)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Complete(
+                inference_pb2.CompletionRequest(request_json=body), metadata=auth(project.key)
+            )
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert reason in failed.value.details()
+        assert trailing(failed.value)["error-param"] == "request_json.seed"
+    await channel.close()

@@ -91,6 +91,7 @@ def install_error_handlers(app: FastAPI) -> None:
     from services.common.http import API_PREFIX, JsonBodies  # http builds on this module
 
     app.add_middleware(JsonBodies)
+    _document_errors_and_auth(app)
 
     @app.get(API_PREFIX + "/openapi.json", include_in_schema=False)
     async def _openapi() -> JSONResponse:
@@ -114,3 +115,52 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["message", "error"],
+    "properties": {
+        "message": {"type": "string"},
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        },
+    },
+}
+ERROR_RESPONSE = {
+    "description": "The error envelope: a 400 names the invalid field in `error.param`",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+
+def _document_errors_and_auth(app: FastAPI) -> None:
+    """The OpenAPI says what the API does: project-key bearer auth, and every 4xx is the error
+    envelope (FastAPI's default 422 ``HTTPValidationError`` is never sent: validation is a 400)."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components["schemas"].pop(unused, None)
+            components["securitySchemes"] = {
+                "projectKey": {"type": "http", "scheme": "bearer", "description": "a project API key"}
+            }
+            schema["security"] = [{"projectKey": []}]
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    responses = operation.setdefault("responses", {})
+                    responses.pop("422", None)
+                    responses.setdefault("4XX", ERROR_RESPONSE)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from services.common.auth import KeyRing, resolve_grpc_project
 from services.common.errors import APIError, bad_request, invalid_input
 from services.common.grpc.distillery.v1 import inference_pb2, inference_pb2_grpc
+from services.common.http import loads_json
 from services.router.protocol import ChatCompletionRequest, Fallback, OpenPipeOptions
 from services.router.service import CallOptions, ChatService
 from services.router.views import cache_mode
@@ -58,9 +59,10 @@ def parse_request(request_json: str, *, stream: bool) -> tuple[dict[str, Any], C
     The RPC decides whether to stream, not the body's ``stream`` field.
     """
     try:
-        raw = orjson.loads(request_json)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"request_json is not valid JSON: {exc}", param="request_json") from None
+        raw = loads_json(request_json.encode("utf-8", "surrogatepass"), subject="request_json")
+    except APIError as exc:  # the same JSON policy as the HTTP routes; fields are named inside it
+        param = "request_json" if exc.param == "body" else f"request_json.{exc.param}"
+        raise bad_request(exc.message, param=param, code=exc.code) from None
     if not isinstance(raw, dict):
         raise bad_request("request_json must be a JSON object.", param="request_json")
     if stream:
