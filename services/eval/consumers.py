@@ -15,6 +15,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from pydantic import ValidationError
 
+from services.common import metrics
 from services.common.events import (
     EVAL_EVENTS_TOPIC,
     EVAL_REQUESTS_TOPIC,
@@ -52,6 +53,8 @@ async def _raw(_msg: object) -> None:
 def register_eval_worker(broker: KafkaBroker, worker: EvalWorker, settings: Settings) -> None:
     async def publish(event: EvalEvent) -> None:
         await broker.publish(event.model_dump(mode="json"), EVAL_EVENTS_TOPIC, key=event.eval_id.encode())
+        if event.type == "row":
+            metrics.EVAL_ROWS.labels("scored" if event.scores else "unscored").inc()
 
     @broker.subscriber(
         EVAL_REQUESTS_TOPIC,
