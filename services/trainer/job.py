@@ -288,7 +288,7 @@ class Run:
             save_steps=max(1, math.ceil(steps / CHECKPOINTS_PER_PHASE)),
             seed=seed,
         )
-        progress = self._progress("sft", epochs)
+        progress = self._progress("sft", epochs, batch)
         trainer = sft_trainer(model, tokenizer, Dataset.from_list(tokenized), args, progress)
         trainer.train(resume_from_checkpoint=str(latest_checkpoint(output_dir) or "") or None)
         self._collect(progress)
@@ -338,7 +338,7 @@ class Run:
             beta=self.hyper.training_beta,
             max_length=1024,
         )
-        progress = self._progress("dpo", epochs)
+        progress = self._progress("dpo", epochs, batch)
         trainer = DPOTrainer(
             model=model, args=DPOConfig(**args), train_dataset=dataset, processing_class=tokenizer
         )
@@ -354,11 +354,12 @@ class Run:
 
     # --- reporting -------------------------------------------------------------------------
 
-    def _progress(self, phase: str, epochs: int) -> Any:
+    def _progress(self, phase: str, epochs: int, batch_size: int) -> Any:
         from services.trainer.sft import Progress
 
         return Progress(
             phase=phase,
+            batch_size=batch_size,
             on_metrics=lambda data: self.events.emit("metrics", data=data),
             on_checkpoint=lambda step, folder, data: self._checkpoint(phase, step, folder, data),
             control_state=lambda: control_state(self.work_dir),

@@ -132,8 +132,10 @@ class Progress(TrainerCallback):
         control_state: Callable[[], str | None],
         tokens_seen: Callable[[], int],
         epochs: int,
+        batch_size: int | None = None,
     ) -> None:
         self.phase = phase
+        self.batch_size = batch_size
         self.on_metrics = on_metrics
         self.on_checkpoint = on_checkpoint
         self.control_state = control_state
@@ -148,6 +150,10 @@ class Progress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self._started = time.monotonic()
         self._tokens_at_start = self.tokens_seen()
+        # Resumed from a checkpoint: its log history keeps the loss curve whole.
+        self.losses = [
+            (e["step"], float(e["loss"])) for e in state.log_history if "loss" in e and "step" in e
+        ]
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         wanted = self.control_state()
@@ -171,6 +177,7 @@ class Progress(TrainerCallback):
             "total_steps": state.max_steps,
             "epoch": round(float(state.epoch or 0), 4),
             "num_epochs": self.epochs,
+            "batch_size": self.batch_size,
             "train_loss": float(logs["loss"]),
             "learning_rate": float(logs.get("learning_rate", 0.0)),
             "tokens_per_second": round(rate, 1) if rate else None,
