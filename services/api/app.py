@@ -17,6 +17,7 @@ from services.api.fine_tuning.consumers import register_events_consumer
 from services.api.fine_tuning.views import router as fine_tuning_router
 from services.api.log_imports.service import LogImporter, default_workers
 from services.api.log_imports.views import router as log_imports_router
+from services.api.model_weights.views import router as model_weights_router
 from services.api.projects import service as projects
 from services.api.projects.views import router as projects_router
 from services.api.providers import service as providers
@@ -71,6 +72,7 @@ async def setup(platform: Platform) -> None:
     platform.routers.append(fine_tuning_router)
     register_events_consumer(platform.broker, sessions, settings)
     setup_deployments(platform)  # trained models: DEPLOYED once their adapter answers a probe
+    platform.routers.append(model_weights_router)  # GET /models/{slug}/weights
     setup_evals(platform, sessions)  # graders and evals routes, eval.events.v1 consumer
     # JSONL upload, export and snapshots go through the blob store (file:// or S3).
     platform.state["blobs"] = platform.blobs
