@@ -374,3 +374,35 @@ async def test_cli_train_and_jobs_watch(running: RunningPlatform, project: Proje
     assert watched.exit_code == 0, watched.output
     assert "10/10" in watched.output and "0.4321" in watched.output and "6,000 tok/s" in watched.output
     assert f"model {slug}" in watched.output and "4,200 training tokens" in watched.output
+
+
+@pytest.mark.slow
+async def test_end_to_end_jobs_api_on_tiny_chat(running: RunningPlatform, project: Project) -> None:
+    """A file → ``fine_tuning.jobs.create`` → the trainer → succeeded, with metrics events and checkpoints."""
+    client = sdk(project)
+    uploaded = await client.files.create(
+        file=("train.jsonl", jsonl(*(chat(f"What is {i}+{i}?", str(2 * i)) for i in range(8)))),
+        purpose="fine-tune",
+    )
+    job = await client.fine_tuning.jobs.create(
+        model="distillery/tiny-chat",
+        training_file=uploaded.id,
+        suffix="e2e",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+    )
+    done = await wait_for_job(
+        project, job.id, lambda j: j["status"] in ("succeeded", "failed"), "trained", timeout=240
+    )
+    assert done["status"] == "succeeded", done["error"]
+    assert done["fine_tuned_model"] == job.model_extra["model_slug"] and done["trained_tokens"] > 0
+    events = (await client.fine_tuning.jobs.list_events(job.id, limit=1000)).data
+    assert any(e.type == "metrics" and e.data.get("train_loss") is not None for e in events)
+    checkpoints = (await client.fine_tuning.jobs.checkpoints.list(job.id)).data
+    assert checkpoints and all(
+        c.fine_tuned_model_checkpoint.startswith(done["fine_tuned_model"]) for c in checkpoints
+    )
+    assert await running.platform.blobs.exists(
+        checkpoints[0].model_extra["uri"].rstrip("/") + "/adapter_config.json"
+    )
+    model = await client.models.retrieve(done["fine_tuned_model"])
+    assert model.model_extra["openpipe"]["status"] == "DEPLOYED"

@@ -872,6 +872,13 @@ def _metrics_message(data: dict[str, Any]) -> str:
     return ": ".join([parts[0], ", ".join(parts[1:])]) if len(parts) > 1 else parts[0]
 
 
+def _checkpoint_name(slug: str, phase: Any, step: int) -> str:
+    """``<slug>:ckpt-step-<n>``; runs with SFT then DPO name the phase (their steps restart)."""
+    return (
+        f"{slug}:ckpt-{phase}-step-{step}" if isinstance(phase, str) and phase else f"{slug}:ckpt-step-{step}"
+    )
+
+
 def _estimated_finish(data: dict[str, Any], at: int) -> int | None:
     step, total, rate = data.get("step"), data.get("total_steps"), data.get("seconds_per_step")
     eta = data.get("eta_seconds")
@@ -920,7 +927,7 @@ async def apply_event(*, session: AsyncSession, event: TrainingEvent) -> list[Ca
                 step=step,
                 metrics=metrics,
                 uri=event.artifact_uri or "",
-                fine_tuned_model_checkpoint=f"{job.model_slug}:ckpt-step-{step}",
+                fine_tuned_model_checkpoint=_checkpoint_name(job.model_slug, event.data.get("phase"), step),
                 created_at=event.created_at,
             )
         )
