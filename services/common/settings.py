@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     trainer_k8s_model_store_claim: str = ""  # a PersistentVolumeClaim mounted as the model cache
     trainer_k8s_env_secret: str = ""  # a Secret with DISTILLERY_* (blob and Kafka URLs) for the pod
     trainer_k8s_poll_seconds: float = 5.0
+    # Caps each training phase at this many optimizer steps (0: no cap): demos and smoke tests.
+    trainer_max_steps: int = 0
 
     # Local model server (services/serving): where the router and api reach it, as an OpenAI base
     # URL without /v1 (empty: http://127.0.0.1:<model_server_port>; ``distillery up`` starts it as

@@ -111,8 +111,10 @@ class Run:
         blobs: BlobStore,
         store_dir: Path,
         clock_seq: bool = False,
+        max_steps: int = 0,
     ) -> None:
         self.request = request
+        self.max_steps = max_steps
         self.hyper: TrainingHyperparameters = request.hyperparameters
         self.work_dir = work_dir
         self.blobs = blobs
@@ -273,6 +275,8 @@ class Run:
         if batch == "auto":
             batch = auto_batch_size(lengths, token_budget())
         steps = math.ceil(len(tokenized) / batch) * epochs
+        if self.max_steps:
+            steps = min(steps, self.max_steps)
         self.events.emit(
             "message",
             f"SFT: {len(tokenized)} rows, {sum(lengths)} tokens, {epochs} epochs, batch size {batch}, "
@@ -287,6 +291,7 @@ class Run:
             batch_size=batch,
             save_steps=max(1, math.ceil(steps / CHECKPOINTS_PER_PHASE)),
             seed=seed,
+            max_steps=self.max_steps or -1,
         )
         progress = self._progress("sft", epochs, batch)
         trainer = sft_trainer(model, tokenizer, Dataset.from_list(tokenized), args, progress)
@@ -322,6 +327,8 @@ class Run:
         if batch == "auto":
             batch = max(1, min(8, auto_batch_size([512] * len(rows.dpo), token_budget())))
         steps = math.ceil(len(rows.dpo) / batch) * epochs
+        if self.max_steps:
+            steps = min(steps, self.max_steps)
         self.events.emit(
             "message",
             f"DPO: {len(rows.dpo)} preference rows, {epochs} epochs, batch size {batch}, {steps} steps, "
@@ -335,6 +342,7 @@ class Run:
             batch_size=batch,
             save_steps=max(1, math.ceil(steps / CHECKPOINTS_PER_PHASE)),
             seed=seed,
+            max_steps=self.max_steps or -1,
             beta=self.hyper.training_beta,
             max_length=1024,
         )

@@ -54,6 +54,7 @@ async def train(request: TrainingRequest, settings: Settings) -> str:
         blobs=blob_store_from_url(settings.resolved_blob_url()),
         store_dir=settings.resolved_model_store_dir(),
         clock_seq=True,
+        max_steps=settings.trainer_max_steps,
     )
     try:
         await relay()  # what an earlier pod wrote but did not get out

@@ -50,6 +50,7 @@ def main(folder: Path) -> int:
             folder,
             blobs=blob_store_from_url(settings.resolved_blob_url()),
             store_dir=settings.resolved_model_store_dir(),
+            max_steps=settings.trainer_max_steps,
         )
         status = run.execute()
     logging.getLogger(__name__).info("training job %s ended: %s", request.job_id, status)

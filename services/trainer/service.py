@@ -317,6 +317,7 @@ class LocalTrainer:
             "TOKENIZERS_PARALLELISM": "false",
             "DISTILLERY_BLOB_URL": self.settings.resolved_blob_url(),
             "DISTILLERY_MODEL_STORE_DIR": str(self.settings.resolved_model_store_dir()),
+            "DISTILLERY_TRAINER_MAX_STEPS": str(self.settings.trainer_max_steps),
             "DISTILLERY_PARENT_PID": str(os.getpid()),
         }
         return {**env, **self.child_env}
