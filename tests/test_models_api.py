@@ -507,3 +507,23 @@ async def test_end_to_end_dataset_to_deployed_model_on_tiny_chat(
     names = {key.rsplit("/", 1)[-1] for key in stored}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names, stored
     assert job["loss_curve"] and await running.platform.blobs.exists(job["loss_curve"])
+
+
+async def test_a_trained_model_is_a_base_for_the_next(running: RunningPlatform, project: Project) -> None:
+    parent, job_id = await make_run(running, project)
+    adapter = f"fine_tunes/{project.id}/{parent}/{job_id}/adapter/"
+    await Events(running, project, job_id).send(
+        "status", status="succeeded", artifact_uri=adapter, trained_tokens=10
+    )
+    await wait_for_job(project, job_id, lambda j: j["status"] == "succeeded", "parent trained")
+    dataset_id = await make_dataset(project, rows(3))
+    async with project.client() as http:
+        child = await http.post(
+            "/models",
+            json={"datasetId": dataset_id, "slug": "child", "trainingConfig": {"baseModel": parent}},
+        )
+        assert child.status_code == 200, child.text
+        assert child.json()["openpipe"]["baseModel"] == parent
+        child_job = child.json()["openpipe"]["jobId"]
+    [request] = await read_topic(running, TRAINING_REQUESTS_TOPIC, lambda v: v["job_id"] == child_job)
+    assert request["base_model"] == TINY and request["parent_adapter_uri"] == adapter
