@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -580,3 +580,19 @@ async def count_rows(*, session: AsyncSession, criterion: Criterion) -> int:
     return int(
         await session.scalar(select(func.count()).where(AlignmentRow.criterion_id == criterion.id)) or 0
     )
+
+
+async def fail_interrupted_jobs(*, session: AsyncSession) -> int:
+    """At start-up: alignment jobs a dead api process left running will never finish."""
+    result = await session.execute(
+        update(AlignmentJob)
+        .where(AlignmentJob.status.in_(("queued", "running")))
+        .values(
+            status="failed",
+            updated_at=now(),
+            errors=[
+                {"message": "interrupted: the api process stopped before the job finished; run it again"}
+            ],
+        )
+    )
+    return result.rowcount or 0
