@@ -370,3 +370,52 @@ def test_alignment_stats_hand_computed() -> None:
     assert never.precision is None and never.recall == 0.0 and never.f1 is None and never.agreement == 0.5
     many = alignment_stats("c", 1, ["PASS"] * 30, [ok] * 30)
     assert many.warning is None and many.agreement == 1.0 and many.precision is None
+
+
+async def test_catalog_functions_on_sqlite_and_postgres(database_url: str) -> None:
+    """Versions, judgement upserts and the judgements store on both catalog databases."""
+    from services.api.criteria import service
+    from services.api.criteria.schemas import CriterionCreate, CriterionUpdate
+    from services.api.projects import service as projects
+    from services.common.db import make_engine, make_sessionmaker, migrate
+    from services.common.events import JudgementEvent
+
+    await migrate(database_url)
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        async with sessions.begin() as session:
+            project = await projects.create_project(session=session, name="crit")
+            body = CriterionCreate(name="c", model="m", prompt="p")
+            criterion, _ = await service.create_criterion(session=session, project_id=project.id, body=body)
+            _, versions, changed = await service.update_criterion(
+                session=session, project_id=project.id, name="c", body=CriterionUpdate(prompt="q")
+            )
+            assert changed and [v.version for v in versions] == [1, 2]
+            service.add_jsonl_rows(session, criterion, _jsonl())
+        async with sessions.begin() as session:
+            rows = await service.alignment_rows(session=session, criterion=criterion)
+            for verdict in ("PASS", "FAIL"):  # the second run of the same version replaces the first
+                values = {"status": "success", "judgement": verdict, "explanation": "", "model": "m"}
+                values |= {"error_code": None, "prompt_tokens": 1, "completion_tokens": 1, "cost_usd": None}
+                await service.store_row_judgement(
+                    session=session, row_id=rows[0].id, version=2, values=values
+                )
+        event = JudgementEvent(
+            judgement_id="jdg_x", project_id=project.id, criterion="c", criterion_version=2, model="m",
+            status="success", score=1.0, created_at=int(time.time() * 1000),
+        )  # fmt: skip
+        async with sessions.begin() as session:
+            assert await service.store_judgements(session=session, events=[event, event]) == 1
+        async with sessions.begin() as session:
+            assert await service.store_judgements(session=session, events=[event]) == 0
+        async with sessions() as session:
+            _, judgements, stats = await service.stats_by_version(session=session, criterion=criterion)
+            assert judgements[(rows[0].id, 2)].judgement == "FAIL" and stats[2].falsePositives == 1
+            assert (
+                len(await service.list_judgements(session=session, project_id=project.id, name="c", limit=5))
+                == 1
+            )
+            assert len(await service.catalog_records(session=session)) == 1
+    finally:
+        await engine.dispose()
