@@ -15,6 +15,10 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from openpipe.api_client.core.api_error import ApiError
+from openpipe.api_client.types import (
+    CreateModelRequestTrainingConfig_Openpipe,
+    CreateModelRequestTrainingConfigOpenpipeSftHyperparameters,
+)
 from openpipe.client import OpenPipe
 
 from services.api import models as catalog_models  # noqa: F401  (every table on Base.metadata)
@@ -474,7 +478,11 @@ async def test_end_to_end_dataset_to_deployed_model_on_tiny_chat(
         op.create_model,
         dataset_id=dataset_id,
         slug="tiny-e2e",
-        training_config={"provider": "openpipe", "baseModel": TINY, "sft_hyperparameters": {"num_epochs": 1}},
+        training_config=CreateModelRequestTrainingConfig_Openpipe(  # the SDK's own types
+            provider="openpipe",
+            base_model=TINY,
+            sft_hyperparameters=CreateModelRequestTrainingConfigOpenpipeSftHyperparameters(num_epochs=1),
+        ),
     )
     async with project.client() as http:
         job_id = (await http.get("/models/tiny-e2e")).json()["openpipe"]["jobId"]
