@@ -433,3 +433,20 @@ def test_router_errors_become_model_errors() -> None:
     assert model_error(rpc(grpc.StatusCode.UNAVAILABLE)).retryable
     missing = model_error(rpc(grpc.StatusCode.NOT_FOUND, (("error-code", "model_not_found"),)))
     assert not missing.retryable and missing.code == "model_not_found" and missing.status == 400
+
+
+def test_rendering_templates_only_the_chosen_fields() -> None:
+    from services.judge.service import head_to_head_request, judgement_request
+
+    row = {**ROW, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}
+    full = judgement_request(CriterionVersion("p", "c", 1, "m", "Be right."), row, GOOD)["messages"][1][
+        "content"
+    ]
+    assert "<messages>" in full and "<tools>" in full and "<tool_choice>" in full and "Stockholm" in full
+    only_output = CriterionVersion("p", "c", 1, "m", "Be right.", templated_variables=("output",))
+    text = judgement_request(only_output, row, GOOD)["messages"][1]["content"]
+    assert "<input>" not in text and "capital of Sweden" not in text and "<output>" in text
+    pair = head_to_head_request("m", "Prefer short.", ROW, GOOD, BAD)
+    content = pair["messages"][1]["content"]
+    assert "<output_a>" in content and "Beijing" in content and "<output>" not in content
+    assert "Prefer short." in pair["messages"][0]["content"]
