@@ -203,3 +203,30 @@ def test_tracing_is_on_only_when_otel_variables_ask() -> None:
     assert not tracing.tracing_requested(
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SDK_DISABLED": "true"}
     )
+
+
+async def test_log_import_trace_crosses_grpc_to_ingest(
+    spans: InMemorySpanExporter, running: RunningPlatform, project: Project
+) -> None:
+    """POST /datasets/{id}/import-logs (api) reads the logs over ingest's gRPC LogQuery: the server
+    span of that call belongs to the request's trace."""
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
+    async with project.client() as client:
+        assert (await client.post("/report", json=report_body("to import"))).status_code == 200
+        await wait_for_count(client, 1)
+        dataset = (await client.post("/datasets", json={"name": "traced import"})).json()["id"]
+        response = await client.post(
+            f"/datasets/{dataset}/import-logs",
+            json={"filters": {}},
+            headers={"traceparent": f"00-{trace_id}-{PARENT_ID}-01"},
+        )
+        assert response.status_code == 202, response.text
+
+    def grpc_served() -> list[ReadableSpan]:
+        return [
+            s
+            for s in in_trace(spans, int(trace_id, 16))
+            if s.kind == SpanKind.SERVER and s.name.startswith("/distillery.v1.LogQuery/")
+        ]
+
+    await wait_until(grpc_served, what="ingest's LogQuery span in the import's trace")
