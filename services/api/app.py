@@ -70,7 +70,7 @@ async def setup(platform: Platform) -> None:
     register_results_consumer(platform.broker, sessions, settings)
     setup_criteria(platform)  # criteria, alignment sets, judgements.v1 consumer
     platform.routers.append(fine_tuning_router)
-    register_events_consumer(platform.broker, sessions, settings)
+    register_events_consumer(platform.broker, sessions, settings, local=platform.catalog)
     setup_deployments(platform)  # trained models: DEPLOYED once their adapter answers a probe
     platform.routers.append(model_weights_router)  # GET /models/{slug}/weights
     setup_evals(platform, sessions)  # graders and evals routes, eval.events.v1 consumer

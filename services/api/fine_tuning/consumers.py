@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.fine_tuning import service
 from services.common import metrics
+from services.common.catalog import CatalogReader
 from services.common.dlq import PoisonMessage, subscribe_with_dlq
 from services.common.events import TRAINING_EVENTS_TOPIC, TrainingEvent
 from services.common.settings import Settings
@@ -25,8 +26,13 @@ EVENTS_GROUP = "api-training-events"
 
 
 def register_events_consumer(
-    broker: KafkaBroker, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    broker: KafkaBroker,
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    local: CatalogReader | None = None,
 ) -> None:
+    """``local``: this process's catalog view, handed each committed model record (read your writes)."""
+
     @subscribe_with_dlq(
         broker,
         TRAINING_EVENTS_TOPIC,
@@ -45,6 +51,7 @@ def register_events_consumer(
                     )
         except service.PoisonEvent as exc:
             raise PoisonMessage(str(exc)) from None
+        service.apply_locally(local, records or [])
         if records is None:
             log.info("training event %s (seq %d) already applied; skipped", event.event_id, event.seq)
         else:

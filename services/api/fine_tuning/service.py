@@ -64,6 +64,7 @@ from services.api.fine_tuning.schemas import (
     TrainingConfig,
 )
 from services.common.blobstore import BlobStore, BlobStoreError
+from services.common.catalog import CatalogReader
 from services.common.errors import APIError, bad_request, invalid_input, not_found, unavailable
 from services.common.events import (
     CATALOG_TOPIC,
@@ -561,6 +562,14 @@ async def publish_records(*, broker: KafkaBroker, records: list[CatalogRecord], 
             raise unavailable(
                 "The change was not saved: the event broker is unavailable. Retry later."
             ) from exc
+
+
+def apply_locally(local: CatalogReader | None, records: list[CatalogRecord]) -> None:
+    """Hand committed records to this process's catalog view (``CatalogReader.apply``), so the router
+    and serving here see a model's change before ``catalog.v1`` brings it back."""
+    if local is not None:
+        for record in records:
+            local.apply(record)
 
 
 # --- starting a run ----------------------------------------------------------------------------

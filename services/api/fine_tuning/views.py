@@ -38,7 +38,9 @@ from services.api.fine_tuning.schemas import (
 )
 from services.common.auth import require_project
 from services.common.blobstore import BlobStore
+from services.common.catalog import CatalogReader
 from services.common.errors import bad_request, not_found
+from services.common.events import CatalogRecord
 
 router = APIRouter(tags=["fine-tuning"])
 
@@ -51,6 +53,11 @@ class Deps:
     blobs: BlobStore
     publish_timeout: float
     scratch: Path
+    local: CatalogReader | None = None  # this process's view of catalog.v1 (router, serving)
+
+    def applied(self, records: list[CatalogRecord]) -> None:
+        """After the commit: this process sees its own writes at once (read your writes)."""
+        service.apply_locally(self.local, records)
 
 
 def deps(request: Request) -> Deps:
@@ -62,6 +69,7 @@ def deps(request: Request) -> Deps:
         state.blobs,
         state.publish_timeout,
         state.settings.data_dir / "tmp",
+        getattr(state, "catalog", None),
     )
 
 
@@ -105,10 +113,10 @@ async def _create_model(d: Deps, project_id: str, body: ModelCreate) -> tuple[di
         )
         broker = d.broker if plan.provider == "openpipe" else None
         model, job = await service.start_training(session=session, broker=broker, start=start)
-        await service.publish_records(
-            broker=d.broker, records=[service.model_record(model, job)], timeout=d.publish_timeout
-        )
+        records = [service.model_record(model, job)]
+        await service.publish_records(broker=d.broker, records=records, timeout=d.publish_timeout)
         out = service.model_out(model, job)
+    d.applied(records)
     return out, job.id if plan.provider == "openai" else None
 
 
@@ -146,6 +154,7 @@ async def _delete_model(d: Deps, project_id: str, slug: str) -> None:
             session=session, broker=d.broker, project_id=project_id, slug=slug
         )
         await service.publish_records(broker=d.broker, records=records, timeout=d.publish_timeout)
+    d.applied(records)
 
 
 @router.delete("/models/{slug}", response_model=ModelDeleted)
@@ -314,10 +323,10 @@ async def create_job(
         )
         broker = d.broker if plan.provider == "openpipe" else None
         model, job = await service.start_training(session=session, broker=broker, start=start)
-        await service.publish_records(
-            broker=d.broker, records=[service.model_record(model, job)], timeout=d.publish_timeout
-        )
+        records = [service.model_record(model, job)]
+        await service.publish_records(broker=d.broker, records=records, timeout=d.publish_timeout)
         out = service.job_out(job)
+    d.applied(records)
     if plan.provider == "openai" and failure is None:
         openai_provider.launch(d.request.app.state, job.id)
     return out
@@ -399,7 +408,9 @@ async def _steer(d: Deps, project_id: str, job_id: str, action: str) -> dict[str
             session=session, broker=broker, project_id=project_id, job_id=job_id, action=action
         )
         await service.publish_records(broker=d.broker, records=records, timeout=d.publish_timeout)
-        return service.job_out(job)
+        out = service.job_out(job)
+    d.applied(records)
+    return out
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=JobOut)
