@@ -23,6 +23,7 @@ from services.common.kafka import free_port
 from services.common.settings import Settings
 from services.router.catalog import RouterCatalog
 from services.router.routing import Router
+from services.serving.adapter_fetcher import create_app as fetcher_app
 from services.serving.deploy import deploy_adapter, retire_adapter
 from services.serving.vllm import ServingError
 
@@ -162,6 +163,42 @@ async def test_deploy_loads_the_adapter_into_vllm_and_probes_it(
     await retire_adapter(settings=settings, blobs=s3_blobs, base_model=BASE, adapter_key=key)
     assert key not in fake.loaded
     await retire_adapter(settings=settings, blobs=s3_blobs, base_model=BASE, adapter_key=key)  # idempotent
+
+
+async def test_deploy_through_the_adapter_fetcher_sidecar(
+    vllm: tuple[FakeVLLM, str], s3_blobs: BlobStore, tmp_path: Path
+) -> None:
+    """The vLLM pod's sidecar copies the adapter onto the pod's volume; the api writes nothing locally."""
+    fake, url = vllm
+    volume = tmp_path / "pod-volume"
+    port = free_port()
+    sidecar = uvicorn.Server(
+        uvicorn.Config(fetcher_app(s3_blobs, volume), host="127.0.0.1", port=port, log_level="warning")
+    )
+    task = asyncio.create_task(sidecar.serve())
+    while not sidecar.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    try:
+        settings = Settings(
+            data_dir=tmp_path,
+            vllm_servers={BASE: url},
+            vllm_fetchers={BASE: f"http://127.0.0.1:{port}"},
+            vllm_adapter_dir=tmp_path / "not-used",
+        )
+        key = f"fine_tunes/proj/m-{secrets.token_hex(3)}/job/adapter"
+        await put_adapter(s3_blobs, key)
+        await deploy_adapter(settings=settings, blobs=s3_blobs, base_model=BASE, adapter_key=key)
+        assert Path(fake.loaded[key]).parent == volume
+        assert not (tmp_path / "not-used").exists()
+        with pytest.raises(ServingError, match="no adapter"):
+            await deploy_adapter(
+                settings=settings, blobs=s3_blobs, base_model=BASE, adapter_key="fine_tunes/gone/adapter"
+            )
+    finally:
+        sidecar.should_exit = True
+        await task
 
 
 async def test_deploy_fails_clearly(vllm: tuple[FakeVLLM, str], s3_blobs: BlobStore, tmp_path: Path) -> None:

@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     # name -> base URL without /v1), and the folder of the adapter volume they share with the api.
     vllm_servers: dict[str, str] = {}
     vllm_adapter_dir: Path = Path("/adapters")
+    # The adapter-fetcher sidecar of each vLLM pod (base model -> base URL): it copies adapters from
+    # the blob store onto the pod's adapter volume. Unset for a base: this process writes them to
+    # ``vllm_adapter_dir``, which must then be a volume shared with the vLLM pods.
+    vllm_fetchers: dict[str, str] = {}
 
     # The embedded profile of ``distillery up`` (ignored when DISTILLERY_KAFKA_URL is set). "s3":
     # Tansu stores every acknowledged message and committed offset in an embedded SeaweedFS under

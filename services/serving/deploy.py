@@ -55,7 +55,13 @@ async def deploy_adapter(
     url = server_url(settings, base_model)
     async with _client(http, timeout) as client:
         if base_model in settings.vllm_servers:
-            vllm = VLLMServer(url, adapter_dir=settings.vllm_adapter_dir, blobs=blobs, http=client)
+            vllm = VLLMServer(
+                url,
+                adapter_dir=settings.vllm_adapter_dir,
+                blobs=blobs,
+                http=client,
+                fetcher_url=settings.vllm_fetchers.get(base_model),
+            )
             await vllm.load_adapter(adapter_key, adapter_key)
         else:
             body = {"lora_name": adapter_key, "lora_path": adapter_key, "base_model": base_model}

@@ -3,7 +3,9 @@
 ``helm/distillery/templates/vllm-*.yaml``).
 
 The platform makes an adapter available to its base's server in two steps: copy it from the blob
-store onto the adapter volume the server mounts (``vllm_adapter_dir``), then load it through vLLM's
+store onto the adapter volume the server reads — by the adapter-fetcher sidecar in the vLLM pod
+(``python -m services.serving.adapter_fetcher``, ``settings.vllm_fetchers[base]``), or by this
+process into ``vllm_adapter_dir`` when that volume is shared — then load it through vLLM's
 runtime LoRA API (``POST /v1/load_lora_adapter {"lora_name", "lora_path"}``). The served name is
 the adapter's blob key, the same name the local model server answers to, so the router's route
 is one shape for both.
@@ -50,13 +52,52 @@ def error_message(response: httpx.Response) -> str:
     return response.text[:500]
 
 
+def local_adapter_path(adapter_dir: Path, adapter_key: str) -> Path:
+    digest = hashlib.sha256(adapter_key.encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in adapter_key.strip("/"))[-80:]
+    return Path(adapter_dir) / f"{safe}-{digest}"
+
+
+async def fetch_adapter(blobs: BlobStore, adapter_dir: Path, adapter_key: str) -> Path:
+    """Copy the adapter folder from the blob store into ``adapter_dir`` (once; atomically)."""
+    target = local_adapter_path(adapter_dir, adapter_key)
+    if (target / _COMPLETE).exists():
+        return target
+    prefix = adapter_key.strip("/") + "/"
+    try:
+        keys = await blobs.list(prefix)
+    except (BlobStoreError, ValueError) as exc:
+        raise ServingError(f"cannot list the adapter {adapter_key!r} in the blob store: {exc}") from None
+    if prefix + ADAPTER_CONFIG not in keys:
+        raise ServingError(f"no adapter (adapter_config.json) under {adapter_key!r} in the blob store")
+    scratch = target.with_name(target.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        for key in keys:
+            await blobs.download_file(key, scratch / key[len(prefix) :])
+    except (BlobNotFound, BlobStoreError) as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise ServingError(f"cannot fetch the adapter {adapter_key!r} from the blob store: {exc}") from None
+    (scratch / _COMPLETE).write_text(adapter_key)
+    shutil.rmtree(target, ignore_errors=True)
+    scratch.rename(target)
+    return target
+
+
 class VLLMServer:
     """One vLLM server (one base model) and the adapter volume it reads LoRA adapters from."""
 
     def __init__(
-        self, base_url: str, *, adapter_dir: Path, blobs: BlobStore, http: httpx.AsyncClient | None = None
+        self,
+        base_url: str,
+        *,
+        adapter_dir: Path,
+        blobs: BlobStore,
+        http: httpx.AsyncClient | None = None,
+        fetcher_url: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.fetcher_url = fetcher_url.rstrip("/") if fetcher_url else None
         self.adapter_dir = Path(adapter_dir)
         self.blobs = blobs
         self._http = http or httpx.AsyncClient(timeout=60)
@@ -64,37 +105,22 @@ class VLLMServer:
     async def close(self) -> None:
         await self._http.aclose()
 
-    def local_path(self, adapter_key: str) -> Path:
-        digest = hashlib.sha256(adapter_key.encode()).hexdigest()[:16]
-        safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in adapter_key.strip("/"))[-80:]
-        return self.adapter_dir / f"{safe}-{digest}"
-
     async def fetch_adapter(self, adapter_key: str) -> Path:
-        """Copy the adapter folder from the blob store onto the adapter volume (once; atomically)."""
-        target = self.local_path(adapter_key)
-        if (target / _COMPLETE).exists():
-            return target
-        prefix = adapter_key.strip("/") + "/"
+        """The adapter on the volume vLLM reads: copied there by this process (a volume shared with
+        the vLLM pods) or, with ``fetcher_url``, by the adapter-fetcher sidecar in the vLLM pod."""
+        if not self.fetcher_url:
+            return await fetch_adapter(self.blobs, self.adapter_dir, adapter_key)
         try:
-            keys = await self.blobs.list(prefix)
-        except (BlobStoreError, ValueError) as exc:
-            raise ServingError(f"cannot list the adapter {adapter_key!r} in the blob store: {exc}") from None
-        if prefix + ADAPTER_CONFIG not in keys:
-            raise ServingError(f"no adapter (adapter_config.json) under {adapter_key!r} in the blob store")
-        scratch = target.with_name(target.name + ".partial")
-        shutil.rmtree(scratch, ignore_errors=True)
-        try:
-            for key in keys:
-                await self.blobs.download_file(key, scratch / key[len(prefix) :])
-        except (BlobNotFound, BlobStoreError) as exc:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise ServingError(
-                f"cannot fetch the adapter {adapter_key!r} from the blob store: {exc}"
+            response = await self._http.post(f"{self.fetcher_url}/fetch", json={"adapter_key": adapter_key})
+        except httpx.HTTPError as exc:
+            raise ServerUnreachable(
+                f"the adapter fetcher at {self.fetcher_url} is unreachable: {type(exc).__name__}"
             ) from None
-        (scratch / _COMPLETE).write_text(adapter_key)
-        shutil.rmtree(target, ignore_errors=True)
-        scratch.rename(target)
-        return target
+        if response.status_code != 200:
+            raise ServingError(
+                f"the adapter fetcher failed ({response.status_code}): {error_message(response)}"
+            )
+        return Path(response.json()["path"])
 
     async def load_adapter(self, name: str, adapter_key: str) -> None:
         """Fetch the adapter to the volume and load it into vLLM (already loaded counts as done)."""
