@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 
 from services.api.dataset_files import service as files
+from services.api.datasets.rows import to_training_row
 from tests.conftest import Project, RunningPlatform, wait_until
 from tests.test_dataset_files import export_and_wait, new_dataset
 from tests.test_ingest_errors import assert_error
@@ -56,3 +57,34 @@ async def test_export_of_a_dataset_deleted_meanwhile_ends_quietly(project: Proje
         # The platform still serves exports afterwards.
         other = await new_dataset(client, "after")
         assert (await export_and_wait(client, other))["entry_count"] == 0
+
+
+def test_export_lines_spliced_from_stored_json_equal_the_training_row() -> None:
+    messages = [{"role": "user", "content": 'q "quoted" ✓'}]
+    output = {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]}
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    compact = (
+        "dse_1",
+        "TRAIN",
+        orjson.dumps(messages).decode(),
+        orjson.dumps(output).decode(),
+        orjson.dumps(tools).decode(),
+        "null",  # a JSON column holding None
+        None,
+        '{"role":"assistant","content":"no"}',
+        '{"k":"v"}',
+    )
+    expected = to_training_row(
+        messages=messages,
+        output=output,
+        tools=tools,
+        rejected_message={"role": "assistant", "content": "no"},
+        split="TRAIN",
+        metadata={"k": "v"},
+    )
+    assert orjson.loads(files._export_line(compact)) == expected
+    spaced = ("dse_2", None, ' [ {"role": "user", "content": "q"} ] ', '{"role": "assistant"}', *[None] * 5)
+    assert orjson.loads(files._export_line(spaced)) == {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant"}],
+        "metadata": {},
+    }

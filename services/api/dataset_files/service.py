@@ -17,6 +17,7 @@ so that the order depends only on the content; no whole dataset is ever held in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy import Text, and_, delete, func, or_, select, type_coerce
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -115,29 +116,63 @@ async def entry_pages(
         last = (rows[-1].content_hash, rows[-1].id)
 
 
+# Exports read the JSON columns as the text stored (written compact by orjson, see common/db.py)
+# and splice it into lines: no decoding and encoding again of every message.
+_RAW_ENTRY_COLUMNS = (
+    DatasetEntry.id,
+    DatasetEntry.split,
+    *(
+        type_coerce(column, Text).label(column.key)
+        for column in (
+            DatasetEntry.messages,
+            DatasetEntry.output,
+            DatasetEntry.tools,
+            DatasetEntry.tool_choice,
+            DatasetEntry.response_format,
+            DatasetEntry.rejected_message,
+        )
+    ),
+    type_coerce(DatasetEntry.entry_metadata, Text).label("metadata"),
+)
+
+
 async def entry_pages_by_id(
     *, session: AsyncSession, dataset_id: str, page_size: int = ENTRY_PAGE
 ) -> AsyncIterator[list[Row]]:
-    """The dataset's entries in primary-key order, ``page_size`` rows at a time (exports).
+    """The dataset's entries in primary-key order, ``page_size`` rows at a time, their JSON columns
+    as stored text (exports); the next page is read while the caller works on this one.
 
     Ids are time-ordered, so this is the order rows were added and lie on disk: sequential reads,
     where content-hash order (snapshots) reads a large dataset at random.
     """
+    connection = await session.connection()  # Core rows: the ORM adds nothing to plain columns
     # ``dataset_id || ''`` keeps the planner on the primary key's ordered range scan; on the
     # dataset index it would sort every remaining row of the dataset again for each page.
-    same_dataset = DatasetEntry.dataset_id.concat("") == dataset_id
-    last: str | None = None
-    while True:
-        query = select(*_ENTRY_COLUMNS).where(same_dataset)
-        if last is not None:
-            query = query.where(DatasetEntry.id > last)
-        rows = list(await session.execute(query.order_by(DatasetEntry.id).limit(page_size)))
-        if not rows:
-            return
-        yield rows
-        if len(rows) < page_size:
-            return
-        last = rows[-1].id
+    query = (
+        select(*_RAW_ENTRY_COLUMNS)
+        .where(DatasetEntry.dataset_id.concat("") == dataset_id)
+        .order_by(DatasetEntry.id)
+        .limit(page_size)
+    )
+
+    async def page(after: str | None) -> list[Row]:
+        return list(
+            await connection.execute(query if after is None else query.where(DatasetEntry.id > after))
+        )
+
+    upcoming: asyncio.Future[list[Row]] | None = None
+    try:
+        rows = await page(None)
+        while rows:
+            upcoming = asyncio.ensure_future(page(rows[-1].id)) if len(rows) == page_size else None
+            yield rows
+            rows = await upcoming if upcoming is not None else []
+            upcoming = None
+    finally:
+        if upcoming is not None:  # the caller stopped early
+            upcoming.cancel()
+            with contextlib.suppress(BaseException):
+                await upcoming
 
 
 def _training_row(row: Row, messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -372,9 +407,34 @@ class Export:
     created: datetime
 
 
+_OPTIONAL_FIELDS = ("tools", "tool_choice", "response_format", "rejected_message")
+
+
+def _present(text: str | None) -> bool:
+    return text is not None and text != "null"
+
+
+def _export_line(row: Row) -> bytes:
+    """``to_training_row`` of a raw row, spliced from the stored JSON texts."""
+    _, split, messages, output, tools, tool_choice, response_format, rejected, metadata = row
+    if not (messages.startswith("[{") and messages.endswith("]")):  # not compact, or no messages
+        values = (messages, output, tools, tool_choice, response_format, rejected, metadata)
+        decoded = [orjson.loads(text) if _present(text) else None for text in values]
+        fields = dict(zip(("messages", "output", *_OPTIONAL_FIELDS, "metadata"), decoded, strict=True))
+        return orjson.dumps(to_training_row(**fields, split=split)) + b"\n"
+    parts = ['{"messages":', messages[:-1], ",", output, "]"]
+    for key, text in zip(_OPTIONAL_FIELDS, (tools, tool_choice, response_format, rejected), strict=True):
+        if text is not None and text != "null":  # a JSON column holding None stores ``null``
+            parts += [',"', key, '":', text]
+    if split is not None:
+        parts += [',"split":"', split, '"']  # TRAIN or TEST
+    parts += [',"metadata":', metadata if _present(metadata) else "{}", "}\n"]
+    return "".join(parts).encode()
+
+
 async def _export_lines(session: AsyncSession, dataset_id: str) -> AsyncIterator[list[bytes]]:
     async for page in entry_pages_by_id(session=session, dataset_id=dataset_id):
-        yield [_dumps(_training_row(row, row.messages)) + b"\n" for row in page]
+        yield [_export_line(row) for row in page]
 
 
 async def start_export(*, session: AsyncSession, dataset: Dataset) -> DatasetJob:
