@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import subprocess
 import sys
 import textwrap
@@ -23,10 +25,10 @@ from services.common.events import dlq_topic
 from services.common.kafka import ensure_topics, make_broker
 from services.common.settings import Settings
 from services.platform import FastRoutes
-from tests.conftest import BOOTSTRAP_KEY
+from tests.conftest import BOOTSTRAP_KEY, wait_until
 from tests.helpers_crash import wait_dead
 from tests.test_ingest_api import openai_body
-from tests.test_log_writer import committed_total, send_raw
+from tests.test_log_writer import committed_total, read_topic, send_raw
 
 
 async def test_requests_arriving_while_stopping_get_503_with_retry_after(running) -> None:
@@ -122,3 +124,19 @@ def test_children_die_when_the_platform_process_is_killed(tmp_path: Path) -> Non
         parent.kill()
         parent.wait()
     assert not wait_dead(children), "a child outlived its killed parent"
+
+
+async def test_s3_killed_is_restarted_on_its_ports_and_the_broker_keeps_storing(tmp_path: Path) -> None:
+    stack = Embedded(Settings(data_dir=tmp_path))
+    stack.begin()
+    stack.wait()
+    try:
+        await ensure_topics(stack.settings.kafka_url, ["after-s3-restart"], partitions=1)
+        old_pid, ports = stack.s3.pid, dict(stack.s3.ports)
+        os.kill(old_pid, signal.SIGKILL)
+        await wait_until(lambda: stack.s3.pid != old_pid and port_open(stack.s3.port), what="S3 back")
+        assert stack.s3.ports == ports
+        await send_raw(stack.settings.kafka_url, "after-s3-restart", [b"stored"], key=b"k")
+        assert await read_topic(stack.settings.kafka_url, "after-s3-restart") == [b"stored"]
+    finally:
+        stack.stop()

@@ -124,7 +124,8 @@ class EmbeddedS3:
         ]
 
     def _launch(self) -> subprocess.Popen:
-        self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
+        if not self.ports:  # a restart keeps the ports: the broker's AWS_ENDPOINT names this one
+            self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
         process = spawn(self._command(), log_path=self.root / "weed.log", env=clean_env({}), cwd=self.root)
         try:
             self._wait_ready(process, timeout=30.0)
