@@ -406,3 +406,26 @@ async def test_end_to_end_jobs_api_on_tiny_chat(running: RunningPlatform, projec
     )
     model = await client.models.retrieve(done["fine_tuned_model"])
     assert model.model_extra["openpipe"]["status"] == "DEPLOYED"
+
+
+async def test_openai_provider_failure_is_mirrored(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openai_provider, "POLL_SECONDS", 0.2)
+    client = sdk(project)
+    async with project.client() as http:
+        assert (await http.put("/provider-keys", json={"openai": OPENAI_KEY})).status_code == 200
+    uploaded = await client.files.create(
+        file=("t.jsonl", jsonl(chat("please [fail]", "no"))), purpose="fine-tune"
+    )
+    job = await client.fine_tuning.jobs.create(model="gpt-4o-mini-2024-07-18", training_file=uploaded.id)
+    assert job.status == "validating_files" and job.model == "gpt-4o-mini-2024-07-18"
+    done = await wait_for_job(
+        project, job.id, lambda j: j["status"] == "failed", "OpenAI failure", timeout=30
+    )
+    assert (
+        done["error"]["code"] == "invalid_training_file"
+        and "OpenAI fine-tuning failed" in done["error"]["message"]
+    )
+    model = (await client.models.retrieve(done["model_slug"])).model_extra["openpipe"]
+    assert model["status"] == "ERROR" and model["provider"] == "openai"
+    with pytest.raises(openai.BadRequestError):
+        await client.fine_tuning.jobs.pause(job.id)

@@ -96,12 +96,26 @@ async def stop_all(state: Any) -> None:
 
 
 async def _run_logged(state: Any, job_id: str) -> None:
-    try:
-        await OpenAIRun(state, job_id).run()
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("OpenAI fine-tune %s stopped; it resumes when the api restarts", job_id)
+    """Follow one job; OpenAI unreachable is retried with backoff, anything else stops until a restart."""
+    run, delay = OpenAIRun(state, job_id), POLL_SECONDS
+    while True:
+        try:
+            await run.run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except httpx.TransportError as exc:
+            log.warning(
+                "OpenAI unreachable for fine-tune %s (%s); retrying in %.0fs",
+                job_id,
+                type(exc).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+        except Exception:
+            log.exception("OpenAI fine-tune %s stopped; it resumes when the api restarts", job_id)
+            return
 
 
 def openai_line(line: dict[str, Any], preference: bool) -> dict[str, Any] | None:
