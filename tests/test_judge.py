@@ -127,7 +127,7 @@ async def test_malformed_reply_retried_then_clear_error(judged: Project, fake_ju
         assert recovered.status_code == 200 and recovered.json()["score"] == 0
         assert recovered.json()["usage"]["completion_tokens"] == 48  # two calls counted
         broken = await _judge(c, "never", GOOD)
-        assert broken.status_code == 502, broken.text
+        assert broken.status_code == 422, broken.text
         assert broken.json()["error"]["code"] == "invalid_judgement"
         assert "not a valid verdict" in broken.json()["message"]
         assert (await _judge(c, "content", GOOD)).json()["score"] == 1

@@ -359,10 +359,13 @@ class Judge:
                 return parse(completion)
             except Malformed as exc:
                 if malformed_left <= 0:
+                    # 422, not 5xx: the criterion's judge model cannot do the job; choose another.
                     raise ModelError(
-                        f"The judge model's reply was not a valid verdict after a retry: {exc}.",
+                        f"The judge model's reply was not a valid verdict after a retry: {exc}. "
+                        "Use a judge model that supports tool calls or JSON output.",
                         code="invalid_judgement",
                         retryable=False,
+                        status=422,
                     ) from None
                 malformed_left -= 1
                 hint = {"role": "user", "content": MALFORMED_HINT.format(tool=tool, problem=exc)}

@@ -57,8 +57,8 @@ class JudgeOut(BaseModel):
 async def judge_once(service: Any, project_id: str, body: JudgeBody) -> tuple[JudgeOut, float]:
     """The verdict and the seconds spent waiting for the judge model. Unknown criterion or version:
     404 ``criterion_not_found``. A judge model that fails after retries: its status (429 rate
-    limited, 400 when the judge model cannot be routed, else 502), with ``code`` saying why
-    (``invalid_judgement`` for a reply that stayed malformed)."""
+    limited, 400 when the judge model cannot be routed, 422 ``invalid_judgement`` when its reply
+    stayed malformed, else 502), with ``code`` saying why."""
     criterion = await service.catalog.resolve(project_id, body.criterion_id)
     row_input = body.input.model_dump(exclude_none=True) if body.input else {}
     output = body.output.model_dump(exclude_none=True)
