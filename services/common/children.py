@@ -27,7 +27,9 @@ _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """A ``preexec_fn``: the kernel SIGKILLs this child when the thread that spawned it dies
+    (use it from a thread that lives as long as the platform, e.g. the event loop's)."""
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
@@ -44,7 +46,7 @@ def spawn(
             env=env,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads run Python in the child)
+            preexec_fn=die_with_parent,  # noqa: PLW1509 (no threads run Python in the child)
         )
     finally:
         if log_path:
