@@ -12,7 +12,10 @@ import grpc
 import httpx
 import orjson
 import pytest
+from fastapi import FastAPI
+from sqlalchemy.exc import DBAPIError
 
+from services.common.errors import install_error_handlers
 from services.common.grpc.distillery.v1 import inference_pb2
 from tests.conftest import Project, RunningPlatform
 from tests.test_dataset_files import wait_for_job
@@ -299,3 +302,20 @@ async def test_grpc_request_json_follows_the_same_policy(running: RunningPlatfor
         assert reason in failed.value.details()
         assert trailing(failed.value)["error-param"] == "request_json.seed"
     await channel.close()
+
+
+async def test_a_value_postgres_cannot_store_is_a_400_not_a_500() -> None:
+    """asyncpg refuses a NUL character in text with SQLSTATE 22021 (a data exception)."""
+
+    class Refused(Exception):
+        sqlstate = "22021"
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/datasets/{dataset_id}")
+    async def lookup(dataset_id: str) -> dict:
+        raise DBAPIError("SELECT ...", {"id": dataset_id}, Refused("invalid byte sequence"))
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert_error(await client.get("/datasets/a%00b"), 400, "NUL")

@@ -5,11 +5,16 @@ The ``openpipe`` SDK reads the top-level ``message``; the ``openai`` SDK reads `
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -110,6 +115,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _concurrent_change(_: Request, exc: StaleDataError) -> JSONResponse:
         # A row this request read was deleted or rewritten by another request before it wrote.
         return error_response(conflict("The resource was changed or deleted by a concurrent request; retry."))
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        sqlstate = str(getattr(exc.orig, "sqlstate", "") or "")
+        if sqlstate.startswith("22"):  # a data exception: a value Postgres cannot store (a NUL character)
+            return error_response(
+                bad_request("A value in the request cannot be stored (NUL characters are not allowed).")
+            )
+        log.error("catalog database error", exc_info=exc)
+        return error_response(APIError(500, "Internal error in the catalog database.", type="server_error"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
