@@ -305,9 +305,9 @@ async def resolve_base(
             raise bad_request(
                 f"Model {name!r} was trained through OpenAI and cannot be a base here.", param=param
             )
-        if parent.status != "DEPLOYED" or not parent.adapter_uri:
+        if not parent.adapter_uri:  # set once training succeeded (DEPLOYED, or still being deployed)
             raise bad_request(
-                f"Model {name!r} is {parent.status}: only a trained (DEPLOYED) model can be a base.",
+                f"Model {name!r} is {parent.status}: only a trained model can be a base.",
                 param=param,
             )
         job = await session.get(TrainingJob, parent.job_id) if parent.job_id else None
