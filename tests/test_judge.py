@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from dataclasses import replace
 
 import grpc
 import httpx
@@ -450,3 +451,24 @@ def test_rendering_templates_only_the_chosen_fields() -> None:
     content = pair["messages"][1]["content"]
     assert "<output_a>" in content and "Beijing" in content and "<output>" not in content
     assert "Prefer short." in pair["messages"][0]["content"]
+
+
+async def test_judge_alone_reaches_the_router_over_grpc(judged: Project, running: RunningPlatform) -> None:
+    """The judge service deployed alone calls judge models through the router's gRPC Inference."""
+    from services.common.secrets import internal_token
+    from services.judge.client import router_caller
+    from services.relabel.service import InferenceClient
+
+    client = InferenceClient(f"127.0.0.1:{running.settings.grpc_port}", internal_token(running.settings))
+    try:
+        judge = Judge(router_caller(client), base_delay=0.01)
+        criterion = CriterionVersion(
+            judged.id, "alone", 1, "openpipe:fakejudge/judge", "Fail marked mistakes."
+        )
+        verdict = await judge.judge(judged.id, criterion, ROW, BAD)
+        assert (verdict.status, verdict.judgement, verdict.score) == ("success", "FAIL", 0.0)
+        assert verdict.usage.total_tokens > 0 and verdict.usage.model_seconds > 0
+        missing = await judge.judge(judged.id, replace(criterion, model="openpipe:nosuch/judge"), ROW, BAD)
+        assert missing.status == "error" and missing.error_status == 400 and "nosuch" in missing.error_message
+    finally:
+        await client.close()

@@ -16,7 +16,6 @@ from services.judge.criteria import CriteriaCatalog, catalog_sync
 from services.judge.service import Judge, JudgementRecorder
 from services.judge.views import JudgeEndpoint, router
 from services.relabel.service import InferenceClient
-from services.router.criteria import chat_caller
 
 if TYPE_CHECKING:
     from services.platform import Platform
@@ -28,11 +27,10 @@ class JudgeService:
     judge: Judge
 
 
-async def setup(platform: Platform) -> None:
+def _own_judge(platform: Platform, client: InferenceClient) -> tuple[CriteriaCatalog, Judge]:
     settings = platform.settings
     catalog = CriteriaCatalog(sync=catalog_sync(platform.catalog))
     platform.catalog.handlers.append(catalog.apply)
-    client = InferenceClient(settings.resolved_router_grpc_url(), internal_token(settings))
 
     async def publish(event: JudgementEvent) -> None:
         await platform.broker.publish(
@@ -40,15 +38,28 @@ async def setup(platform: Platform) -> None:
         )
 
     recorder = JudgementRecorder(publish)
-    # With the router in this process (distillery up), judge models are called on its ChatService
-    # directly: the same routing, retries and limits, without a gRPC round trip per verdict.
-    chat = platform.state.get("chat")
+    platform.on_stopping.append(recorder.stop)
     judge = Judge(
-        chat_caller(chat) if chat is not None else router_caller(client),
+        router_caller(client),
         max_concurrency=settings.judge_project_max_concurrency,
         max_attempts=settings.judge_max_attempts,
         recorder=recorder.record,
     )
+    return catalog, judge
+
+
+async def setup(platform: Platform) -> None:
+    settings = platform.settings
+    client = InferenceClient(settings.resolved_router_grpc_url(), internal_token(settings))
+    # With the router in this process (distillery up) the judge is the router's best-of-N judge:
+    # judge models are called on its ChatService directly (no gRPC round trip per verdict) and one
+    # per-project cap covers every verdict. Alone, it reaches the router over gRPC Inference.
+    chat = platform.state.get("chat")
+    shared = getattr(chat, "best_of_n", None)
+    if shared is not None:
+        catalog, judge = shared.catalog, shared.judge
+    else:
+        catalog, judge = _own_judge(platform, client)
     platform.state["judge_service"] = JudgeService(catalog, judge)
     platform.routers.append(router)
     endpoint = JudgeEndpoint(keyring=platform.keyring, service=platform.state["judge_service"])
@@ -64,5 +75,4 @@ async def setup(platform: Platform) -> None:
             internal_token=internal_token(settings),
         )
     )
-    platform.on_stopping.append(recorder.stop)
     platform.on_stop.append(client.close)
