@@ -186,74 +186,72 @@ async def test_deprecated_flat_hyperparameters_and_unstable_routes(
     assert dataset["fine_tune_count"] == 2
 
 
-@pytest.mark.parametrize(
-    ("config", "status", "param", "words"),
-    [
-        (
-            {"baseModel": TINY, "preference_hyperparameters": {"training_beta": 0.1}},
-            400,
-            "trainingConfig.preference_hyperparameters",
-            "enable_preference_tuning",
-        ),
-        (
-            {"provider": "gemini", "baseModel": "models/gemini-1.5-flash-001-tuning"},
-            400,
-            "trainingConfig.provider",
-            "not supported",
-        ),
-        ({"provider": "openpipeReward", "baseModel": TINY}, 400, "trainingConfig.provider", "not supported"),
-        ({"provider": "azure", "baseModel": TINY}, 400, "trainingConfig.provider", "'openpipe' or 'openai'"),
-        ({"baseModel": "no/such-model"}, 400, "trainingConfig.baseModel", "Unknown base model"),
-        (
-            {"baseModel": TINY, "sft_hyperparameters": {"num_epochs": "many"}},
-            400,
-            "trainingConfig.sft_hyperparameters.num_epochs",
-            "num_epochs",
-        ),
-        (
-            {"baseModel": TINY, "sft_hyperparameters": {"batch_size": 0}},
-            400,
-            "trainingConfig.sft_hyperparameters.batch_size",
-            "batch_size",
-        ),
-        (
-            {"baseModel": TINY, "sft_hyperparameters": {"epochs": 2}},
-            400,
-            "trainingConfig.sft_hyperparameters.epochs",
-            "Extra inputs",
-        ),
-        ({"baseModel": TINY, "enable_sft": False}, 400, "trainingConfig.enable_sft", "Nothing to train"),
-        (
-            {"baseModel": TINY, "enable_preference_tuning": True},
-            400,
-            "trainingConfig.enable_preference_tuning",
-            "rejected_message",
-        ),
-        ({"provider": "openai", "baseModel": TINY}, 400, "trainingConfig.baseModel", "OpenAI"),
-        (
-            {"provider": "openai", "baseModel": "gpt-4o-mini-2024-07-18"},
-            400,
-            "trainingConfig.provider",
-            "OpenAI key",
-        ),
-    ],
+INVALID_CONFIGS = (
+    (
+        {"baseModel": TINY, "preference_hyperparameters": {"training_beta": 0.1}},
+        400,
+        "trainingConfig.preference_hyperparameters",
+        "enable_preference_tuning",
+    ),
+    (
+        {"provider": "gemini", "baseModel": "models/gemini-1.5-flash-001-tuning"},
+        400,
+        "trainingConfig.provider",
+        "not supported",
+    ),
+    ({"provider": "openpipeReward", "baseModel": TINY}, 400, "trainingConfig.provider", "not supported"),
+    ({"provider": "azure", "baseModel": TINY}, 400, "trainingConfig.provider", "'openpipe' or 'openai'"),
+    ({"baseModel": "no/such-model"}, 400, "trainingConfig.baseModel", "Unknown base model"),
+    (
+        {"baseModel": TINY, "sft_hyperparameters": {"num_epochs": "many"}},
+        400,
+        "trainingConfig.sft_hyperparameters.num_epochs",
+        "num_epochs",
+    ),
+    (
+        {"baseModel": TINY, "sft_hyperparameters": {"batch_size": 0}},
+        400,
+        "trainingConfig.sft_hyperparameters.batch_size",
+        "batch_size",
+    ),
+    (
+        {"baseModel": TINY, "sft_hyperparameters": {"epochs": 2}},
+        400,
+        "trainingConfig.sft_hyperparameters.epochs",
+        "Extra inputs",
+    ),
+    ({"baseModel": TINY, "enable_sft": False}, 400, "trainingConfig.enable_sft", "Nothing to train"),
+    (
+        {"baseModel": TINY, "enable_preference_tuning": True},
+        400,
+        "trainingConfig.enable_preference_tuning",
+        "rejected_message",
+    ),
+    ({"provider": "openai", "baseModel": TINY}, 400, "trainingConfig.baseModel", "OpenAI"),
+    (
+        {"provider": "openai", "baseModel": "gpt-4o-mini-2024-07-18"},
+        400,
+        "trainingConfig.provider",
+        "OpenAI key",
+    ),
 )
-async def test_invalid_training_configs_are_400s_naming_the_field(
-    project: Project, config: dict, status: int, param: str, words: str
-) -> None:
+
+
+async def test_invalid_training_configs_are_400s_naming_the_field(project: Project) -> None:
     dataset_id = await make_dataset(project, rows(3))
     async with project.client() as http:
-        response = await http.post(
-            "/models",
-            json={
-                "datasetId": dataset_id,
-                "slug": "bad",
-                "trainingConfig": {"provider": "openpipe", **config},
-            },
-        )
-        assert response.status_code == status, response.text
-        body = response.json()
-        assert body["error"]["param"] == param and words in body["message"], body
+        for config, status, param, words in INVALID_CONFIGS:
+            response = await http.post(
+                "/models",
+                json={
+                    "datasetId": dataset_id,
+                    "slug": "bad",
+                    "trainingConfig": {"provider": "openpipe", **config},
+                },
+            )
+            assert response.status_code == status, (config, response.text)
+            body = response.json()
+            assert body["error"]["param"] == param and words in body["message"], (config, body)
         assert (await http.get("/models")).json()["data"] == []  # nothing half-written
 
 
