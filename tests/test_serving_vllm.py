@@ -247,3 +247,73 @@ def test_router_sends_fine_tuned_models_to_their_bases_vllm(tmp_path: Path) -> N
     assert router.resolve("p1", "openpipe:on-local").base_url == "http://local:8091/v1"
     base = router.resolve("p1", f"openpipe:base/{BASE}")
     assert (base.base_url, base.upstream_model) == ("http://vllm-llama:8000/v1", BASE)
+
+
+VLLM_VALUES = {
+    "secretKey": "a" * 43 + "=",
+    "vllm": {
+        "enabled": True,
+        "models": [
+            {"name": "llama-8b", "baseModel": BASE, "modelPath": "/models/llama-8b"},
+            {"name": "qwen-14b", "baseModel": "Qwen/Qwen2.5-14B-Instruct", "gpus": 2, "maxLoras": 4},
+        ],
+        "modelVolume": {"existingClaim": "base-weights"},
+    },
+}
+
+
+def test_chart_deploys_a_vllm_server_per_base_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kubernetes_validate
+    import yaml
+    from helm_python import Chart
+    from helm_python import chart as helm_chart
+
+    from tests.test_deploy import CHART_DIR, KUBERNETES_VERSION
+
+    manifests = Chart.load(CHART_DIR).render(
+        values=VLLM_VALUES, name="distillery", namespace="distillery", is_install=True
+    )
+    documents = [
+        doc
+        for path, text in manifests.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+    ]
+    documents = [doc for doc in documents if doc]
+    for doc in documents:
+        if doc["kind"] in ("Deployment", "Service", "ConfigMap"):
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    deployments = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Deployment"}
+    services = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Service"}
+    qwen = deployments["distillery-vllm-qwen-14b"]["spec"]["template"]["spec"]
+    vllm, fetcher = qwen["containers"]
+    args = vllm["args"]
+    assert args[args.index("--model") + 1] == "Qwen/Qwen2.5-14B-Instruct"
+    assert "--enable-lora" in args and args[args.index("--max-loras") + 1] == "4"
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in vllm["env"]
+    assert qwen["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert fetcher["command"][:3] == ["python", "-m", "services.serving.adapter_fetcher"]
+    assert [e["name"] for e in fetcher["env"]] == [
+        "DISTILLERY_VLLM_ADAPTER_DIR",
+        "DISTILLERY_DATA_DIR",
+        "DISTILLERY_BLOB_URL",
+    ]
+    llama = deployments["distillery-vllm-llama-8b"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert llama[llama.index("--model") + 1] == "/models/llama-8b"
+    assert llama[llama.index("--served-model-name") + 1] == BASE
+    assert {p["name"] for p in services["distillery-vllm-llama-8b"]["spec"]["ports"]} == {"http", "fetcher"}
+
+    config = next(d for d in documents if d["kind"] == "ConfigMap" and "DISTILLERY_KAFKA_URL" in d["data"])
+    servers = json.loads(config["data"]["DISTILLERY_VLLM_SERVERS"])
+    fetchers = json.loads(config["data"]["DISTILLERY_VLLM_FETCHERS"])
+    assert servers[BASE] == "http://distillery-vllm-llama-8b:8000"
+    assert fetchers["Qwen/Qwen2.5-14B-Instruct"] == "http://distillery-vllm-qwen-14b:8001"
+    # The settings the api and router read parse that JSON from the environment.
+    monkeypatch.setenv("DISTILLERY_VLLM_SERVERS", config["data"]["DISTILLERY_VLLM_SERVERS"])
+    assert Settings().vllm_servers == servers
+
+    report = helm_chart.lint(CHART_DIR, VLLM_VALUES, strict=True, kube_version=f"v{KUBERNETES_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2 and "icon" not in m["error"]]
+    assert not report["errors"] and not problems, report
