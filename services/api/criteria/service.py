@@ -32,7 +32,7 @@ from services.api.criteria.schemas import (
     JudgementOut,
     RowJudgement,
 )
-from services.api.datasets.models import Dataset, DatasetEntry
+from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
 from services.api.datasets.rows import EntryError, parse_entry
 from services.api.datasets.service import iso, new_id, now
 from services.common.errors import APIError
@@ -41,6 +41,7 @@ from services.common.http import loads_json
 from services.judge.criteria import criterion_not_found, parse_criterion_id
 
 MIN_LABELLED = 30
+PREFERENCE_JOB = "criteria_preference"  # a dataset job kind
 JUDGEMENTS = ("PASS", "FAIL")
 
 
@@ -583,7 +584,8 @@ async def count_rows(*, session: AsyncSession, criterion: Criterion) -> int:
 
 
 async def fail_interrupted_jobs(*, session: AsyncSession) -> int:
-    """At start-up: alignment jobs a dead api process left running will never finish."""
+    """At start-up: alignment and preference-data jobs a dead api process left running will never
+    finish."""
     result = await session.execute(
         update(AlignmentJob)
         .where(AlignmentJob.status.in_(("queued", "running")))
@@ -595,4 +597,13 @@ async def fail_interrupted_jobs(*, session: AsyncSession) -> int:
             ],
         )
     )
-    return result.rowcount or 0
+    preference = await session.execute(
+        update(DatasetJob)
+        .where(DatasetJob.kind == PREFERENCE_JOB, DatasetJob.status.in_(("queued", "running")))
+        .values(
+            status="failed",
+            updated_at=now(),
+            result={"reason": "interrupted: the api process stopped before the job finished; run it again"},
+        )
+    )
+    return (result.rowcount or 0) + (preference.rowcount or 0)

@@ -332,7 +332,7 @@ async def preference_data(
             session=session,
             project_id=project_id,
             dataset_id=dataset.id,
-            kind="criteria_preference",
+            kind=service.PREFERENCE_JOB,
             total=len(entry_ids),
             params={"model": body.model, "criteria": body.criteria, "k": body.k},
         )

@@ -43,7 +43,7 @@ def setup_criteria(platform: Platform) -> None:
     async def publish_criteria() -> None:
         async with sessions.begin() as session:
             if failed := await service.fail_interrupted_jobs(session=session):
-                log.warning("marked %d interrupted alignment job(s) failed", failed)
+                log.warning("marked %d interrupted criteria job(s) failed", failed)
         # Tansu keeps nothing across restarts and a new judge needs every criterion: republish.
         async with sessions() as session:
             records = await service.catalog_records(session=session)
