@@ -585,3 +585,21 @@ def test_local_model_server_behind_a_flag() -> None:
 
 def scraped() -> dict:
     return {"metrics": {"serviceMonitor": {"enabled": True}}}
+
+
+def test_production_values_serve_fine_tuned_models_with_vllm() -> None:
+    documents = rendered_production()
+    deployments = by_kind(documents, "Deployment")
+    vllm = [
+        d for d in deployments.values() if d["metadata"]["labels"]["app.kubernetes.io/component"] == "vllm"
+    ]
+    assert len(vllm) == 1
+    server = vllm[0]["spec"]["template"]["spec"]["containers"][0]
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    servers = json.loads(
+        by_kind(documents, "ConfigMap")["distillery-config"]["data"]["DISTILLERY_VLLM_SERVERS"]
+    )
+    assert set(servers) == {"meta-llama/Meta-Llama-3.1-8B-Instruct"}
+    assert not any(
+        d["metadata"]["labels"].get("app.kubernetes.io/component") == "vllm" for d in rendered_default()
+    )
