@@ -9,6 +9,9 @@ length; the loss covers assistant tokens in both. "Plain TRL" is ``SFTTrainer`` 
 plus what CPU needs (``use_cpu=True``) and ``assistant_only_loss=True``. Tokens/s counts the
 tokens of the rows trained (prompt and answer, no padding) over the training wall time. Ends with
 one line per base: ``sft tokens/s vs plain trl: 1.62x (ours N, trl M, final loss a vs b)``.
+
+``--quality`` instead fine-tunes SmolLM2 through the trainer's own run on a sentiment task and
+prints exact match on a held-out split, base versus fine-tuned.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The repository root instead of bench/ (whose datasets.py would shadow the `datasets` package).
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BASES = ("distillery/tiny-chat", "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -176,13 +180,106 @@ def measure(which: str, base: str, n: int, epochs: int) -> dict:
     return result
 
 
+SENTIMENT_SYSTEM = "Classify the review's sentiment. Answer with one word: positive, negative or neutral."
+OPINIONS = {
+    "positive": ["loved it", "was wonderful", "exceeded my hopes", "was a delight", "works perfectly"],
+    "negative": ["was awful", "broke after a day", "was a waste of money", "disappointed me", "never worked"],
+    "neutral": ["arrived on tuesday", "is blue", "comes in a box", "has two buttons", "weighs a kilo"],
+}
+THINGS = ["The blender", "This hotel", "The movie", "My new phone", "The delivery", "This book", "The lamp"]
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict]:
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rnd.choice(sorted(OPINIONS))
+        review = f"{rnd.choice(THINGS)} {rnd.choice(OPINIONS[label])}."
+        out.append(
+            {
+                "messages": [
+                    {"role": "system", "content": SENTIMENT_SYSTEM},
+                    {"role": "user", "content": review},
+                    {"role": "assistant", "content": label},
+                ],
+                "split": "TRAIN",
+                "metadata": {},
+            }
+        )
+    return out
+
+
+def quality(base: str, n_train: int, n_test: int, epochs: int) -> None:
+    """Fine-tune ``base`` through the trainer's own run (``services.trainer.job.Run``) on a sentiment
+    task, then compare exact match of the base and the fine-tuned model on a held-out TEST split."""
+    import asyncio
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.common.blobstore import FileBlobStore
+    from services.common.events import TrainingHyperparameters, TrainingRequest
+    from services.common.model_store import ensure_base_model
+    from services.trainer.job import Run, read_events
+
+    store = Path(os.environ.get("DISTILLERY_MODEL_STORE_DIR", ".distillery/models"))
+    base_dir = ensure_base_model(base, store_dir=store)
+    train, test = sentiment_rows(n_train, seed=1), sentiment_rows(n_test, seed=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        blobs = FileBlobStore(Path(tmp) / "blobs")
+        data = b"".join(json.dumps(r).encode() + b"\n" for r in train)
+        asyncio.run(blobs.put_bytes("snapshots/q/train.jsonl", data))
+        request = TrainingRequest(
+            request_id="q:1",
+            job_id="quality",
+            project_id="bench",
+            model_slug="sentiment",
+            base_model=base,
+            snapshot_uri="snapshots/q/train.jsonl",
+            hyperparameters=TrainingHyperparameters(num_epochs=epochs, batch_size="auto", seed=0),
+            output_prefix="out",
+        )
+        started = time.perf_counter()
+        status = Run(request, Path(tmp) / "work", blobs=blobs, store_dir=store).execute()
+        if status != "succeeded":
+            raise SystemExit(read_events(Path(tmp) / "work" / "events.jsonl")[-1])
+        print(f"trained in {time.perf_counter() - started:.0f} s")
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+
+        def exact_match(m) -> float:  # type: ignore[no-untyped-def]
+            hits = 0
+            for row in test:
+                prompt = tokenizer.apply_chat_template(
+                    row["messages"][:-1], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+                )
+                with torch.no_grad():
+                    out = m.generate(**prompt, max_new_tokens=4, do_sample=False)
+                answer = tokenizer.decode(out[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+                hits += answer.strip().strip(".").lower() == row["messages"][-1]["content"]
+            return hits / len(test)
+
+        before = exact_match(model)
+        tuned = PeftModel.from_pretrained(model, Path(tmp) / "work" / "final")
+        after = exact_match(tuned)
+    print(f"{base}: exact match on {n_test} held-out rows: base {before:.2f} -> fine-tuned {after:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", action="append", choices=BASES, help="repeatable; default: both")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--quality", action="store_true", help="fine-tune on a sentiment task, exact match vs the base"
+    )
     args = parser.parse_args()
+    if args.quality:
+        for base in args.base or BASES[1:]:
+            quality(base, args.rows or 120, 30, args.epochs)
+        return
     if args.child:
         child(args.child, args.base[0], args.rows, args.epochs)
         return
