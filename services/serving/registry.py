@@ -145,6 +145,9 @@ class ModelRegistry:
     async def load_adapter(self, name: str, source: str, base: str | None = None) -> Adapter:
         """Fetch the adapter (once; then from the disk cache) and make ``name`` serve it."""
         async with self._lock(f"adapter:{name}"):
+            known = self.adapters.get(name)
+            if known is not None and known.source == source and (base is None or base == known.base):
+                return known  # concurrent first requests for one adapter load it once
             path = await self._local_copy(name, source)
             base = base or base_from_config(path) or self.default_base
             if not base:
