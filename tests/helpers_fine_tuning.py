@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.api.fine_tuning import service
 from services.common.events import TRAINING_EVENTS_TOPIC, TrainingEvent
@@ -48,14 +48,12 @@ async def read_topic(
     running: RunningPlatform, topic: str, match: Any, *, timeout: float = 20.0
 ) -> list[dict[str, Any]]:
     """Every message on ``topic`` for which ``match(value)`` is true, waiting until at least one."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=running.settings.kafka_url,
-        group_id=f"test-{secrets.token_hex(4)}",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
+    # Partitions assigned by hand: no consumer-group join to wait for.
+    consumer = AIOKafkaConsumer(bootstrap_servers=running.settings.kafka_url, enable_auto_commit=False)
     await consumer.start()
+    await consumer.topics()  # loads the metadata
+    consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()])
+    await consumer.seek_to_beginning()
     found: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     try:
