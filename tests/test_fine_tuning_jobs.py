@@ -104,6 +104,14 @@ async def test_upload_create_list_and_retrieve(running: RunningPlatform, project
     events = await client.fine_tuning.jobs.list_events(job.id)
     assert any("Created fine-tuning job" in e.message for e in events.data)
 
+    validation = await client.files.create(file=("valid.jsonl", jsonl(chat("v", "w"))), purpose="fine-tune")
+    checked = await client.fine_tuning.jobs.create(
+        model=ABSENT_BASE, training_file=uploaded.id, validation_file=validation.id
+    )
+    assert checked.validation_file == validation.id
+    [request] = await read_topic(running, TRAINING_REQUESTS_TOPIC, lambda v: v["job_id"] == checked.id)
+    assert (await running.platform.blobs.get_bytes(request["validation_snapshot_uri"])).count(b"\n") == 1
+
 
 async def test_bad_lines_fail_the_job_with_their_line_numbers(project: Project) -> None:
     client = sdk(project)
@@ -404,8 +412,13 @@ async def test_end_to_end_jobs_api_on_tiny_chat(running: RunningPlatform, projec
     assert await running.platform.blobs.exists(
         checkpoints[0].model_extra["uri"].rstrip("/") + "/adapter_config.json"
     )
-    model = await client.models.retrieve(done["fine_tuned_model"])
-    assert model.model_extra["openpipe"]["status"] == "DEPLOYED"
+
+    async def deployed() -> bool:  # once its adapter answers a probe on the model server
+        model = await client.models.retrieve(done["fine_tuned_model"])
+        assert model.model_extra["openpipe"]["status"] in ("PROVISIONING", "DEPLOYED"), model.model_extra
+        return model.model_extra["openpipe"]["status"] == "DEPLOYED"
+
+    await wait_until(deployed, timeout=180, what="the trained model DEPLOYED")
 
 
 async def test_openai_provider_failure_is_mirrored(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
