@@ -23,9 +23,11 @@ from pathlib import Path
 from tests.conftest import Project
 from tests.fake_upstream import OPENAI_KEY
 
+# The long profile runs one worker: hypothesis describing strategies from two threads at once can
+# hit CPython 3.11's "AST constructor recursion depth mismatch" (a flaky error of the tool).
 PROFILES: dict[str, list[str]] = {
-    "quick": ["--max-examples", "5", "--phases", "fuzzing", "--seed", "20261129"],
-    "long": ["--max-examples", "200", "--phases", "examples,coverage,fuzzing,stateful"],
+    "quick": ["--max-examples", "5", "--phases", "fuzzing", "--seed", "20261129", "--workers", "2"],
+    "long": ["--max-examples", "200", "--phases", "examples,coverage,fuzzing,stateful", "--workers", "1"],
 }
 PROFILE = os.environ.get("DISTILLERY_SCHEMATHESIS", "quick")
 TIME_LIMIT = {"quick": 150, "long": 3600}
@@ -82,8 +84,6 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(
         f"Authorization: Bearer {project.key}",
         "--checks",
         "not_a_server_error,response_schema_conformance",
-        "--workers",
-        "2",
         "--request-timeout",
         "30",
         "--generation-database",
