@@ -336,7 +336,9 @@ async def test_statuses_follow_training_events_once(running: RunningPlatform, pr
         artifact_uri=f"fine_tunes/{project.id}/{slug}/{job_id}/adapter/",
         trained_tokens=2_000_000,
     )
-    await wait_until(lambda: _is(status, "DEPLOYED"), what="DEPLOYED")
+    # Trained: PROVISIONING until serving has the adapter answering; there is no adapter at that
+    # key here, so the Deployer (services/api/deployments) sets ERROR with the reason.
+    await wait_until(lambda: _is(status, "ERROR"), timeout=120, what="deployment refused")
     job = await wait_for_job(project, job_id, lambda j: j["status"] == "succeeded", "job succeeded")
     assert job["fine_tuned_model"] == slug and job["trained_tokens"] == 2_000_000
     assert job["cost_usd"] == pytest.approx(0.96)  # 2M tokens at $0.48/1M (8B and smaller)
@@ -357,13 +359,17 @@ async def test_statuses_follow_training_events_once(running: RunningPlatform, pr
         running,
         CATALOG_TOPIC,
         lambda v: (
-            v["kind"] == "model" and v["id"] == f"{project.id}/{slug}" and v["data"]["status"] == "DEPLOYED"
+            v["kind"] == "model"
+            and v["id"] == f"{project.id}/{slug}"
+            and v["data"]["status"] == "PROVISIONING"
         ),
     )
     assert record["data"]["adapter_uri"] == f"fine_tunes/{project.id}/{slug}/{job_id}/adapter/"
     assert record["data"]["base_model"] == TINY and record["data"]["provider"] == "openpipe"
     await asyncio.sleep(1)
-    assert await status() == "DEPLOYED"
+    assert await status() == "ERROR"
+    failed = (await asyncio.to_thread(op.get_model, model_slug=slug)).openpipe
+    assert "Deployment failed" in failed.error_message and "adapter" in failed.error_message
 
 
 async def test_failure_event_sets_error_and_poison_goes_to_dlq(
@@ -451,14 +457,15 @@ async def test_migration_matches_the_tables_and_events_apply_on_both_databases(d
             artifact_uri="fine_tunes/a/",
             trained_tokens=10,
         )
-        for expected in ("DEPLOYED", None):  # the second delivery is a no-op
+        for expected in ("PROVISIONING", None):  # the second delivery is a no-op
             async with sessions.begin() as session:
                 records = await service.apply_event(session=session, event=succeeded)
             assert (records[0].data["status"] if records else None) == expected
         async with sessions() as session:
             model = await service.get_model(session=session, project_id=project.id, slug="db-run")
             counts = await fine_tune_counts(session=session, dataset_ids=["f"])
-        assert model.status == "DEPLOYED" and model.adapter_uri == "fine_tunes/a/" and counts == {"f": 1}
+        # DEPLOYED comes from the Deployer once the adapter answers a probe (tests/test_serving_router.py).
+        assert model.status == "PROVISIONING" and model.adapter_uri == "fine_tunes/a/" and counts == {"f": 1}
     finally:
         await engine.dispose()
 

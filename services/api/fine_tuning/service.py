@@ -832,12 +832,10 @@ def set_model_status(model: FineTunedModel, job: TrainingJob) -> list[CatalogRec
 
 
 def mark_trained(model: FineTunedModel, job: TrainingJob) -> list[CatalogRecord]:
-    """A succeeded run's Model becomes servable.
-
-    Seam for serving (#10): today a trained model is DEPLOYED at once. Once serving probes a model
-    before it is called deployed, this sets ``PROVISIONING`` and the probe's answer sets DEPLOYED.
-    """
-    model.status = "DEPLOYED"
+    """A succeeded run's Model becomes servable: an OpenAI fine-tune at once (OpenAI serves it);
+    ours is ``PROVISIONING`` until the Deployer (``services/api/deployments``) has loaded its
+    adapter on the server of its base and a probe request got an answer, which sets DEPLOYED."""
+    model.status = "PROVISIONING" if model.provider == "openpipe" else "DEPLOYED"
     model.error_message = None
     model.adapter_uri = job.adapter_uri
     model.trained_tokens = job.trained_tokens
