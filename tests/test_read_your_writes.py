@@ -13,8 +13,14 @@ import asyncio
 
 import httpx
 import orjson
+import pytest
 
-from tests.conftest import Project, wait_for_count
+from services.api.providers import service as providers
+from services.api.providers.models import ProviderKeysUpdate
+from services.common.errors import APIError
+from services.router.routing import model_not_found
+from services.router.service import ChatService
+from tests.conftest import Project, RunningPlatform, wait_for_count
 from tests.fake_upstream import OPENAI_KEY, FakeUpstream
 
 MESSAGES = [{"role": "user", "content": "Count to 3"}]
@@ -126,3 +132,49 @@ async def test_streams_always_ask_for_usage_and_log_real_token_counts(
             log = (await client.get("/logs", params={"metadata.case": case})).json()["data"][0]
             assert log["usage"]["prompt_tokens"] > 0 and log["usage"]["completion_tokens"] > 0, log["usage"]
             assert log["usage"]["total_tokens"] == tail["usage"]["total_tokens"]  # the same prompt
+
+
+async def test_a_write_by_another_process_is_found_by_catching_up_on_a_miss(
+    running: RunningPlatform, project: Project
+) -> None:
+    """Published on catalog.v1 but not applied here (as another api process would): the router's
+    miss waits for the catalog reader to reach the topic's end and looks again."""
+    state = running.platform.state
+    async with state["sessions"].begin() as session:
+        row = await providers.update_provider_keys(
+            session=session,
+            project_id=project.id,
+            update=ProviderKeysUpdate(openai=OPENAI_KEY),
+            secret_key=state["secret_key"],
+        )
+        record = providers.provider_keys_record(row)
+    await providers.publish(broker=running.platform.broker, records=[record], timeout=10)
+    async with project.client() as client:
+        answered = await chat(client, "gpt-4o-mini")
+    assert answered.status_code == 200, answered.text
+
+
+async def test_only_a_catalog_miss_waits_for_the_catalog_and_looks_again() -> None:
+    synced: list[bool] = []
+
+    class Catalog:
+        def resolve(self, project_id: str, model: str) -> str:
+            if model == "broken":
+                raise APIError(400, "bad model name", code="invalid_model")
+            if not synced:
+                raise model_not_found(model, "not in the catalog yet")
+            return f"route for {model}"
+
+    async def sync() -> bool:
+        synced.append(True)
+        return True
+
+    chat = ChatService(router=Catalog(), upstream=None, cache=None, shipper=None, max_concurrency=1)  # type: ignore[arg-type]
+    with pytest.raises(APIError):
+        await chat.resolve("proj", "new-model")  # no catalog to catch up with: the miss stands
+    chat.catalog_sync = sync
+    assert await chat.resolve("proj", "new-model") == "route for new-model"
+    assert synced == [True]
+    with pytest.raises(APIError):
+        await chat.resolve("proj", "broken")
+    assert synced == [True]  # not a catalog miss: no wait

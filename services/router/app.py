@@ -45,6 +45,7 @@ async def setup(platform: Platform) -> None:
         shipper=shipper,
         max_concurrency=settings.project_max_concurrency,
     )
+    chat.catalog_sync = partial(platform.catalog.sync, timeout=1.0)  # read your writes across processes
     platform.state["chat"] = chat
     setup_best_of_n(platform, chat)  # op-criteria: judge every choice, sort by score
     platform.routers.append(router)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +28,8 @@ from services.router.streaming import DONE, completion_to_chunks, merge_chunks, 
 from services.router.upstream import Upstream
 
 log = logging.getLogger(__name__)
+# Router misses that a catalog record still on its way over catalog.v1 would turn into a route.
+CATALOG_MISSES = ("model_not_found", "provider_key_missing")
 
 MOA_DRAFTS = 3
 MOA_DRAFT_TEMPERATURE = 0.9
@@ -130,6 +132,8 @@ class ChatService:
         self.shipper = shipper
         self.limiter = ProjectLimiter(max_concurrency)
         self.best_of_n: Any = None  # services.router.criteria.BestOfN, when criteria are wired
+        # Waits until catalog.v1 is read to its end (CatalogReader.sync); set by the wiring.
+        self.catalog_sync: Callable[[], Awaitable[bool]] | None = None
         openai = OpenAIProvider()
         self.providers: dict[str, Provider] = {
             "openai": openai,
@@ -152,6 +156,17 @@ class ChatService:
             await self.cache.set(key, completion)
         except Exception as exc:
             log.warning("response cache write failed (%s); answer not cached", type(exc).__name__)
+
+    async def resolve(self, project_id: str, model: str) -> Route:
+        """The route for ``model``; on a miss, first catch up with ``catalog.v1`` and look again,
+        so a provider or deployment written through another api process a moment ago is found
+        (read your writes across processes; within one process writes are applied at once)."""
+        try:
+            return self.router.resolve(project_id, model)
+        except APIError as exc:
+            if exc.code not in CATALOG_MISSES or self.catalog_sync is None or not await self.catalog_sync():
+                raise
+        return self.router.resolve(project_id, model)
 
     # --- one completion ------------------------------------------------------------------------
 
@@ -199,7 +214,7 @@ class ChatService:
         model = raw["model"]
         if (base := moa_base(model)) is not None:
             return await self._mixture_of_agents(project_id, raw, base, outcome, timeout=timeout)
-        route = self.router.resolve(project_id, model)
+        route = await self.resolve(project_id, model)
         body = self._prepare(route, raw)
         outcome.route = route
         return await self.providers[route.provider].complete(
@@ -221,7 +236,7 @@ class ChatService:
         self, project_id: str, raw: dict[str, Any], base: str, outcome: Outcome, *, timeout: float | None
     ) -> dict[str, Any]:
         """Drafts at high temperature → a critique of them → a final synthesis."""
-        route = self.router.resolve(project_id, base)
+        route = await self.resolve(project_id, base)
         provider = self.providers[route.provider]
         body = self._prepare(route, {**raw, "model": base})
         body.pop("n", None)
@@ -321,7 +336,7 @@ class ChatService:
         *,
         timeout: float | None,
     ) -> AsyncIterator[dict[str, Any]]:
-        route = self.router.resolve(project_id, raw["model"])
+        route = await self.resolve(project_id, raw["model"])
         body = self._prepare(route, raw)
         if route.provider != "azure":  # older Azure api-versions refuse stream_options
             # Always ask for the usage tail, so that the call is logged and priced with real token
