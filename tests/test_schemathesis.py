@@ -7,7 +7,7 @@ schema. Two profiles:
   (about 20 s here); tests/test_bad_input.py covers the boundary cases by hand;
 - long: ``DISTILLERY_SCHEMATHESIS=long .venv/bin/pytest tests/test_schemathesis.py`` — every phase
   (coverage's boundary values and stateful links included), 200 examples per operation, a fresh
-  seed each run (a few minutes).
+  seed each run (5-6 min at 25 examples on a busy 2-core box; budget up to an hour at 200).
 
 The CLI runs as a child process against the session platform served over real HTTP, so this test
 only awaits it (the platform keeps serving on the test's event loop meanwhile).
