@@ -97,6 +97,7 @@ class Engine:
         )
         self.eos_ids = _eos_ids(model, tokenizer)
         self.peft: Any = None  # the PeftModel once a first adapter is loaded
+        self._active: str | None = None  # peft's active adapter
         self.adapters: OrderedDict[str, Path] = OrderedDict()  # loaded, least recently used first
         self._adapter_paths: dict[str, Path] = {}
         self._forget: set[str] = set()
@@ -145,12 +146,14 @@ class Engine:
         else:
             self.peft.load_adapter(str(path), adapter_name=name)
             self.peft.eval()
+        self._active = None  # loading may change peft's active adapter
         self.adapters[name] = path
         log.info("adapter %s loaded (%d on this base)", name, len(self.adapters))
         return True
 
     def _evict(self, name: str) -> None:
         self.adapters.pop(name, None)
+        self._active = None
         if self.peft is not None and name in self.peft.peft_config:
             if len(self.peft.peft_config) == 1:
                 # peft keeps at least one adapter: unwrap the base and start over.
@@ -234,14 +237,22 @@ class Engine:
                     self._evict(name)
 
     def _forward(self, rows: list[Sequence], **inputs: Any) -> torch.Tensor:
+        """One forward pass for ``rows``; one adapter (or none) for all is cheaper than a mixed batch."""
         adapters = [row.adapter or BASE for row in rows]
-        model = self.model
-        extra: dict[str, Any] = {}
-        if self.peft is not None:
-            model = self.peft
-            extra["adapter_names"] = adapters
+        unique = set(adapters)
         with torch.inference_mode():
-            out = model(**inputs, use_cache=True, logits_to_keep=1, **extra)
+            if self.peft is None:
+                out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+            elif unique == {BASE}:
+                with self.peft.disable_adapter():
+                    out = self.peft(**inputs, use_cache=True, logits_to_keep=1)
+            elif len(unique) == 1:
+                if self._active != adapters[0]:
+                    self.peft.set_adapter(adapters[0])
+                    self._active = adapters[0]
+                out = self.peft(**inputs, use_cache=True, logits_to_keep=1)
+            else:
+                out = self.peft(**inputs, use_cache=True, logits_to_keep=1, adapter_names=adapters)
         return out.logits[:, -1, :]
 
     def _prefill(self, seqs: list[Sequence]) -> None:
