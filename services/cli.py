@@ -139,6 +139,11 @@ def info(
         if running.get("grpc_port"):
             console.print(f"gRPC   {settings.http_host}:{running['grpc_port']} (plaintext)")
         console.print(f"Kafka  {running['kafka_url']}  (topic logs.v1, key = project id)")
+        if running.get("kafka_storage"):
+            durable = "durable, in the embedded S3" if running["kafka_storage"] == "s3" else "in memory"
+            console.print(f"       broker storage: {durable}")
+        if running.get("s3_endpoint"):
+            console.print(f"S3     {running['s3_endpoint']}  (embedded SeaweedFS; credentials in s3/s3.json)")
     else:
         console.print(f"[yellow]no platform is running on {settings.data_dir}[/]")
 
