@@ -24,6 +24,7 @@ from services.common.auth import KeyRing, require_project, resolve_grpc_project
 from services.common.errors import APIError, bad_request, invalid_input
 from services.common.events import LogEvent
 from services.common.grpc.distillery.v1 import embeddings_pb2, embeddings_pb2_grpc
+from services.common.http import openapi_json_body
 from services.common.log_fields import merge_metadata, new_log_id
 from services.router.grpc import error_metadata, status_code
 from services.router.routing import Route
@@ -176,7 +177,7 @@ def _options(raw: dict[str, Any], headers: Any) -> tuple[str | None, bool]:
     return cache, bool(log_flag if log_flag is not None else raw.get("store"))
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", openapi_extra=openapi_json_body(EmbeddingRequest))
 async def create_embeddings(request: Request, project_id: str = Depends(require_project)) -> Response:
     raw = parse_embedding_request(await request.body())
     cache, log_request = _options(raw, request.headers)

@@ -224,7 +224,26 @@ async def unstable_finetune_delete(
 # --- /files ------------------------------------------------------------------------------------
 
 
-@router.post("/files", response_model=FileOut)
+FILE_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "description": "fine-tune"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("/files", response_model=FileOut, openapi_extra=FILE_UPLOAD_BODY)
 async def create_file(d: Deps = Depends(deps), project_id: str = Depends(require_project)) -> dict[str, Any]:
     """multipart/form-data: ``file`` (the JSONL) and ``purpose`` (``fine-tune``), as the OpenAI SDK sends."""
     try:
