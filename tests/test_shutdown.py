@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -100,6 +101,16 @@ def test_two_installs_get_their_own_ports_and_reuse_them_on_restart(tmp_path: Pa
         assert again.tansu.port == recorded  # clients of the last run find the broker again
     finally:
         again.stop()
+    with socket.socket() as taken:  # someone else took that port meanwhile: any free one will do
+        taken.bind(("127.0.0.1", recorded))
+        taken.listen()
+        third = Embedded(Settings(data_dir=tmp_path / "a"))
+        third.begin()
+        try:
+            third.wait()
+            assert third.tansu.port != recorded and port_open(third.tansu.port)
+        finally:
+            third.stop()
 
 
 def test_children_die_when_the_platform_process_is_killed(tmp_path: Path) -> None:

@@ -46,15 +46,20 @@ class Embedded:
             if self.s3:
                 self.s3.start()
             if self.want_kafka:
-                log_path = self.settings.data_dir / "tansu.log"
-                port = self._kafka_port()
-                if self.durable and self.s3:
-                    self.tansu = TansuBroker.on_s3(self.s3, port, log_path)
-                else:
-                    self.tansu = TansuBroker(port, log_path, storage=MEMORY_STORAGE)
-                self.tansu.start()
+                try:
+                    self._start_broker(self._kafka_port())
+                except RuntimeError:  # last run's port was taken meanwhile: any free one
+                    self._start_broker(free_ports(1)[0])
         except BaseException as exc:
             self._error = exc
+
+    def _start_broker(self, port: int) -> None:
+        log_path = self.settings.data_dir / "tansu.log"
+        if self.durable and self.s3:
+            self.tansu = TansuBroker.on_s3(self.s3, port, log_path)
+        else:
+            self.tansu = TansuBroker(port, log_path, storage=MEMORY_STORAGE)
+        self.tansu.start()
 
     def _kafka_port(self) -> int:
         """The port of the last run when free (clients keep working across restarts), else any."""
