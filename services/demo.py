@@ -198,6 +198,42 @@ async def _train(client: httpx.AsyncClient, console: Console, dataset_id: str, r
     console.print(progress.summary(job))
     status = (await client.get(f"/models/{model['id']}")).json()["openpipe"]["status"]
     console.print(f"model {model['id']}: {status}")
+    await _ask_trained_model(client, console, dataset_id, model["id"])
+
+
+async def _ask_trained_model(client: httpx.AsyncClient, console: Console, dataset_id: str, slug: str) -> None:
+    """Once serving has it (DEPLOYED), ask the fine-tuned model and its base one question each
+    through the official openai SDK, and show the answers side by side."""
+    import openai
+    from rich.markup import escape
+
+    deadline = time.monotonic() + 300
+    with console.status(f"deploying {slug} on the model server (loaded, then probed)..."):
+        while (status := (await client.get(f"/models/{slug}")).json()["openpipe"]["status"]) != "DEPLOYED":
+            if status == "ERROR" or time.monotonic() > deadline:
+                console.print(f"[red]model {slug} was not deployed ({status})[/]")
+                return
+            await asyncio.sleep(1)
+    console.print(f"model {slug}: DEPLOYED")
+    entry = (await client.get(f"/datasets/{dataset_id}/entries", params={"limit": 1})).json()["data"][0]
+    question = entry["messages"][:-1]
+    sdk = openai.AsyncOpenAI(
+        base_url=str(client.base_url), api_key=client.headers["authorization"].removeprefix("Bearer ")
+    )
+    table = Table(title="one question, two models (openai SDK, through the router)")
+    table.add_column("model")
+    table.add_column("answer", overflow="fold")
+    for model in (f"openpipe:{slug}", "openpipe:base/distillery/tiny-chat"):
+        try:
+            answer = await sdk.chat.completions.create(
+                model=model, messages=question, max_tokens=48, temperature=0
+            )
+            text = escape(answer.choices[0].message.content or str(answer.choices[0].message.tool_calls))
+        except openai.APIError as exc:
+            text = f"[red]{escape(str(exc))}[/]"
+        table.add_row(model, text)
+    console.print(f"question: {escape(repr(question[-1].get('content')))}")
+    console.print(table)
 
 
 async def run_demo(*, data_dir: Path, n_logs: int, console: Console) -> None:

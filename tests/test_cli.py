@@ -148,3 +148,7 @@ def test_demo_runs_the_loop_end_to_end(tmp_path: Path) -> None:
     assert searched and int(searched.group(1)) > 0  # the metadata search finds what was captured
     assert re.search(r"import from logs\s+│\s+\d+ entries \(\d+ TRAIN / \d+ TEST\)", result.stdout)
     assert "snapshot for training" in result.stdout and "Distillery stopped." in result.stdout
+    # It ends by asking the model it trained, once DEPLOYED, and its base one question each.
+    assert "one question, two models" in result.stdout, result.stdout[-3000:]
+    assert "openpipe:support-triage-tiny" in result.stdout
+    assert "openpipe:base/distillery/tiny-chat" in result.stdout
