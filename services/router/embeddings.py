@@ -99,7 +99,7 @@ class EmbeddingsService:
                 self._log(project_id, raw, requested_at, answer, error, hit)
 
     async def _call(self, project_id: str, raw: dict[str, Any]) -> dict[str, Any]:
-        route = self.chat.router.resolve(project_id, raw["model"])
+        route = await self.chat.resolve(project_id, raw["model"])  # catches up with catalog.v1 on a miss
         if route.provider not in ("openai", "azure"):
             raise bad_request(
                 f"{route.provider} models do not serve embeddings here; use an OpenAI-compatible model.",
