@@ -253,9 +253,12 @@ def _has_lone_surrogate(text: str) -> bool:
 
 
 def _json_content(scope: Scope) -> bool:
-    """Whether FastAPI or a view would read this body as JSON (not a form or a file upload)."""
+    """Whether FastAPI would parse this body as JSON: no Content-Type, ``application/json`` or a
+    ``+json`` type (JSON Lines, forms and files are the views' own business)."""
     value = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
-    return not value.startswith((b"multipart/", b"application/x-www-form-urlencoded", b"application/octet"))
+    return value in (b"", b"application/json") or (
+        value.startswith(b"application/") and value.endswith(b"+json")
+    )
 
 
 class JsonBodies:
