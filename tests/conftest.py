@@ -23,7 +23,8 @@ from services.api.projects import service as projects
 from services.common.kafka import TansuBroker, free_port
 from services.common.settings import Settings
 from services.platform import Platform
-from tests.fake_upstream import FakeUpstream, start_fake_upstream
+from tests.fake_upstream import ANTHROPIC_KEY, GEMINI_KEY, OPENAI_KEY, FakeUpstream, start_fake_upstream
+from tests.helpers import wait_for_router
 
 pytest_plugins = ["tests.s3_server"]  # the `s3_url` fixture: a real S3 endpoint (SeaweedFS)
 
@@ -204,3 +205,21 @@ async def wait_for_count(
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last count was {last}") from None
     return last
+
+
+@pytest.fixture
+async def keyed(project: Project) -> Project:
+    """A project with OpenAI, Anthropic and Gemini keys configured through the API."""
+    async with project.client() as client:
+        response = await client.put(
+            "/provider-keys", json={"openai": OPENAI_KEY, "anthropic": ANTHROPIC_KEY, "gemini": GEMINI_KEY}
+        )
+        assert response.status_code == 200, response.text
+    return project
+
+
+@pytest.fixture
+async def ready(keyed: Project) -> Project:
+    """``keyed``, once the router can serve with its keys."""
+    await wait_for_router(keyed)
+    return keyed

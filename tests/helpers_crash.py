@@ -18,7 +18,7 @@ import httpx
 
 from services.common.children import free_ports
 from services.common.embedded import read_run_file
-from tests.test_ingest_api import openai_body
+from tests.helpers import openai_body
 
 KEY = "opk_crash_test_key"
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,9 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from services.common.errors import install_error_handlers
 from services.common.grpc.distillery.v1 import inference_pb2
 from tests.conftest import Project, RunningPlatform
-from tests.test_dataset_files import wait_for_job
-from tests.test_grpc_inference import Stub, auth, trailing
-from tests.test_ingest_errors import assert_error
+from tests.helpers import Stub, assert_error, auth, trailing, wait_for_job
 
 BIG = "10000000000000000000000"  # 10^22
 NEGATIVE = "-18446744073709551616"  # -2^64

@@ -24,7 +24,7 @@ from services.common.blobstore import BlobStore
 from services.common.kafka import TansuBroker
 from services.platform import Platform
 from tests.conftest import Project, RunningPlatform, platform_settings, wait_until
-from tests.test_ingest_errors import assert_error
+from tests.helpers import FINISHED, assert_error, export_and_wait, new_dataset, wait_for_job
 
 # The examples of the docs' "Uploading Data" and "Exporting Data" pages, verbatim.
 DOCS_UPLOAD_LINES = [
@@ -49,7 +49,6 @@ DOCS_EXPORT_LINES = [
     b']}],"tools":[{"type":"function","function":{"name":"identify_capital","parameters":{"type":"object",'
     b'"properties":{"capital":{"type":"string"}}}}}]}',
 ]
-FINISHED = ("succeeded", "partial", "failed")
 
 
 def line(question: str, answer: str = "an answer", **extra: object) -> bytes:
@@ -68,12 +67,6 @@ def jsonl(*lines: bytes) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-async def new_dataset(client: httpx.AsyncClient, name: str = "files") -> str:
-    response = await client.post("/datasets", json={"name": name})
-    assert response.status_code == 200, response.text
-    return response.json()["id"]
-
-
 async def upload(
     client: httpx.AsyncClient, dataset_id: str, data: bytes, filename: str = "data.jsonl"
 ) -> httpx.Response:
@@ -82,36 +75,10 @@ async def upload(
     )
 
 
-async def wait_for_job(client: httpx.AsyncClient, dataset_id: str, job_id: str, timeout: float = 60) -> dict:
-    last: dict = {}
-
-    async def finished() -> bool:
-        nonlocal last
-        response = await client.get(f"/datasets/{dataset_id}/jobs/{job_id}")
-        assert response.status_code == 200, response.text
-        last = response.json()
-        return last["status"] in FINISHED
-
-    await wait_until(finished, timeout=timeout, what=f"job {job_id}")
-    return last
-
-
 async def upload_and_wait(client: httpx.AsyncClient, dataset_id: str, data: bytes) -> dict:
     response = await upload(client, dataset_id, data)
     assert response.status_code == 202, response.text
     return await wait_for_job(client, dataset_id, response.json()["id"])
-
-
-async def export_and_wait(client: httpx.AsyncClient, dataset_id: str) -> dict:
-    """``POST /export`` is a job: wait for it and return its result, the ``dataset.export``."""
-    response = await client.post(f"/datasets/{dataset_id}/export")
-    assert response.status_code == 202, response.text
-    job = response.json()
-    assert job["kind"] == "export" and response.headers["location"].endswith(f"/jobs/{job['id']}")
-    done = await wait_for_job(client, dataset_id, job["id"])
-    assert done["status"] == "succeeded", done
-    assert done["progress"]["done"] == done["progress"]["total"] == done["result"]["entry_count"]
-    return done["result"]
 
 
 async def canonical_entries(sessions, dataset_id: str) -> list[bytes]:

@@ -28,7 +28,7 @@ from services.api.projects import service as projects
 from services.common.db import make_engine, make_sessionmaker, migrate
 from services.common.errors import APIError
 from tests.conftest import Project, RunningPlatform
-from tests.test_ingest_errors import assert_error
+from tests.helpers import assert_error
 
 DATASET_KEYS = {"object", "id", "name", "created", "updated", "dataset_entry_count", "fine_tune_count"}
 STATS_KEYS = {

@@ -22,16 +22,16 @@ import yaml
 from helm_python import Chart
 from helm_python import chart as helm_chart
 
+from tests.helpers import CHART_DIR, KUBERNETES_VERSION
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 COMPOSE_SCHEMA = ROOT / "deploy" / "schemas" / "compose-spec.json"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 NGINX_CONF = ROOT / "deploy" / "gateway" / "nginx.conf"
 DASHBOARD = ROOT / "deploy" / "grafana" / "distillery.json"
-CHART_DIR = ROOT / "helm" / "distillery"
 PRODUCTION_VALUES = CHART_DIR / "ci" / "production-values.yaml"
 ROUTES = CHART_DIR / "files" / "routes.yaml"
-KUBERNETES_VERSION = "1.37.0"
 
 INFRA = {"kafka", "clickhouse", "minio", "postgres", "redis"}
 # Services that must be deployed whether or not their package exists yet.

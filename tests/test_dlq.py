@@ -18,7 +18,7 @@ from services.common.events import (
 )
 from services.common.kafka import ensure_topics, make_broker
 from tests.conftest import wait_until
-from tests.test_log_writer import read_topic, send_raw
+from tests.helpers import read_topic, send_raw
 
 
 async def dead_letters(kafka_url: str, topic: str, marker: str) -> list[DeadLetter]:

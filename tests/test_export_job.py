@@ -7,8 +7,7 @@ import orjson
 from services.api.dataset_files import service as files
 from services.api.datasets.rows import to_training_row
 from tests.conftest import Project, RunningPlatform, wait_until
-from tests.test_dataset_files import export_and_wait, new_dataset
-from tests.test_ingest_errors import assert_error
+from tests.helpers import assert_error, export_and_wait, new_dataset
 
 PAGES = 2 * files.ENTRY_PAGE + 500  # three pages: the keyset continues across page ends
 

@@ -16,22 +16,17 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from services.common.grpc.distillery.v1 import inference_pb2, inference_pb2_grpc
+from services.common.grpc.distillery.v1 import inference_pb2
 from services.common.kafka import free_port
 from services.router import grpc as inference
 from tests.conftest import Project, RunningPlatform, wait_for_count, wait_until
 from tests.fake_upstream import ANTHROPIC_KEY, GEMINI_KEY, OPENAI_KEY, FakeUpstream
+from tests.helpers import MESSAGES, Stub, auth, trailing
 
-MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count to 3"}]
 ANSWER = "Answer to: Count to 3"
 # The fake upstream picks a failure by suffix and counts calls per model for the whole session
 # (test_router asserts on its own models' counts), so these tests use their own model names.
 BROKEN, SLOW, REFUSED = "grpc-gpt-4o-500", "grpc-gpt-4o-slow", "grpc-gpt-4o-400"
-Stub = inference_pb2_grpc.InferenceStub
-
-
-def auth(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
 
 
 def request(body: dict | None = None, **options: object) -> inference_pb2.CompletionRequest:
@@ -51,10 +46,6 @@ async def stream(stub: Stub, key: str, body: dict | None = None, **options: obje
 
 def streamed_text(chunks: list[dict]) -> str:
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-
-
-def trailing(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    return {key: value for key, value in error.trailing_metadata() or ()}
 
 
 @pytest.fixture

@@ -11,46 +11,7 @@ from openpipe.client import AsyncOpenPipe, UpdateLogTagsRequestFiltersItem
 
 from services.sample_traffic import sample_reports
 from tests.conftest import Project, wait_for_count
-
-
-def openai_body(
-    *,
-    content: str = "Count to 3",
-    answer: str = "1, 2, 3",
-    model: str = "gpt-4o-mini",
-    completion_id: str = "chatcmpl-abc",
-    metadata: dict | None = None,
-    status: int = 200,
-    requested_at: int | None = None,
-) -> dict:
-    now = requested_at or int(time.time() * 1000)
-    request = {"model": model, "messages": [{"role": "user", "content": content}]}
-    if metadata is not None:
-        request["metadata"] = metadata
-    response = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": now // 1000,
-        "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
-    }
-    return {
-        "requestedAt": now,
-        "receivedAt": now + 420,
-        "reqPayload": request,
-        "respPayload": response,
-        "statusCode": status,
-    }
-
-
-async def report_all(client, bodies: list[dict], route: str = "/report") -> None:
-    for body in bodies:
-        response = await client.post(route, json=body)
-        assert response.status_code == 200, response.text
-        assert response.json() == {"status": "ok"}
+from tests.helpers import openai_body, report_all
 
 
 async def test_openpipe_sdk_report_is_captured_with_derived_fields(project: Project) -> None:

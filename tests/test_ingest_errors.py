@@ -6,17 +6,7 @@ import httpx
 import pytest
 
 from tests.conftest import Project, wait_for_count
-from tests.test_ingest_api import openai_body, report_all
-
-
-def assert_error(response: httpx.Response, status: int, *fragments: str) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["message"] == body["error"]["message"]
-    assert {"message", "type", "param", "code"} <= set(body["error"])
-    for fragment in fragments:
-        assert fragment in body["message"], body["message"]
-    return body
+from tests.helpers import assert_error, openai_body, report_all
 
 
 async def test_missing_or_wrong_key_is_401_and_never_echoed(project: Project) -> None:

@@ -371,7 +371,7 @@ async def test_judgements_stored_once_and_poison_dead_lettered(
     project: Project, running: RunningPlatform
 ) -> None:
     from services.common.events import JUDGEMENTS_TOPIC, DeadLetter, JudgementEvent, dlq_topic
-    from tests.test_log_writer import read_topic, send_raw
+    from tests.helpers import read_topic, send_raw
 
     marker = secrets.token_hex(6)
     event = JudgementEvent(

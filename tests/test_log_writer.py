@@ -6,7 +6,7 @@ import asyncio
 import secrets
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from examples.publish_logs import log_event, publish
 from services.common.clickhouse import ClickHouse
@@ -15,6 +15,7 @@ from services.common.kafka import ensure_topics, make_broker
 from services.ingest import store
 from services.ingest.consumers import WRITER_GROUP, register_log_writer
 from tests.conftest import Project, wait_for_count, wait_until
+from tests.helpers import committed_total, read_topic, send_raw
 
 REQUEST = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
 RESPONSE = {
@@ -31,48 +32,6 @@ def events_for(project_id: str, n: int, **metadata: str) -> list[dict]:
         log_event(project_id, REQUEST, RESPONSE, latency_ms=200, metadata={"i": str(i), **metadata})
         for i in range(n)
     ]
-
-
-async def send_raw(kafka_url: str, topic: str, values: list[bytes], key: bytes) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_url, enable_idempotence=False)
-    await producer.start()
-    try:
-        for value in values:
-            await producer.send_and_wait(topic, value, key=key)
-    finally:
-        await producer.stop()
-
-
-async def read_topic(kafka_url: str, topic: str) -> list[bytes]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_url, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-        if not partitions:
-            await consumer.topics()
-            partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        values: list[bytes] = []
-        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                values += [r.value for r in records]
-        return values
-    finally:
-        await consumer.stop()
-
-
-async def committed_total(kafka_url: str, group: str, topic: str) -> int:
-    """Sum of the group's committed offsets on ``topic`` (read without joining the group)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_url, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer.topics()
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-        return sum([max(await consumer.committed(tp) or 0, 0) for tp in partitions])
-    finally:
-        await consumer.stop()
 
 
 async def test_direct_kafka_publish_is_queryable(project: Project, running) -> None:

@@ -9,7 +9,7 @@ import httpx
 from services.common.kafka import TansuBroker, free_port
 from services.platform import Platform
 from tests.conftest import BOOTSTRAP_KEY, platform_settings
-from tests.test_ingest_api import openai_body
+from tests.helpers import openai_body
 
 
 async def test_broker_down_mid_run_gives_503_and_reads_keep_working(tmp_path: Path, chdb_url: str) -> None:

@@ -15,7 +15,7 @@ from services.api.datasets.rows import parse_entry
 from services.api.datasets.service import draft_values, new_id, now
 from tests.conftest import Project, RunningPlatform
 from tests.fake_upstream import OPENAI_KEY, FakeUpstream
-from tests.test_router import sdk, wait_for_router
+from tests.helpers import sdk, wait_for_router
 
 
 def tokens(value: Any) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import Project, wait_until
-from tests.test_router import keyed, ready  # noqa: F401  (fixtures)
 
 
 def entry(question: str, answer: str, **extra: object) -> dict:

@@ -9,9 +9,9 @@ import openai
 import pytest
 
 from tests.conftest import Project, wait_for_count
-from tests.fake_upstream import ANTHROPIC_KEY, GEMINI_KEY, OPENAI_KEY, FakeUpstream, fixture
+from tests.fake_upstream import ANTHROPIC_KEY, OPENAI_KEY, FakeUpstream, fixture
+from tests.helpers import MESSAGES, sdk, wait_for_router
 
-MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count to 3"}]
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -24,40 +24,6 @@ WEATHER_TOOL = {
         },
     },
 }
-
-
-@pytest.fixture
-async def keyed(project: Project) -> Project:
-    """A project with OpenAI, Anthropic and Gemini keys configured through the API."""
-    async with project.client() as client:
-        response = await client.put(
-            "/provider-keys", json={"openai": OPENAI_KEY, "anthropic": ANTHROPIC_KEY, "gemini": GEMINI_KEY}
-        )
-        assert response.status_code == 200, response.text
-    return project
-
-
-def sdk(project: Project, **kwargs) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(api_key=project.key, base_url=project.base_url, max_retries=0, **kwargs)
-
-
-async def wait_for_router(project: Project, model: str = "gpt-4o-mini") -> None:
-    """Provider settings travel over catalog.v1; wait until the router can serve ``model``."""
-    client = sdk(project)
-    for _ in range(100):
-        try:
-            await client.chat.completions.create(model=model, messages=MESSAGES)
-            return
-        except (openai.BadRequestError, openai.NotFoundError) as exc:
-            assert exc.body["code"] in ("provider_key_missing", "model_not_found"), exc.body
-            await asyncio.sleep(0.1)
-    raise AssertionError("router never learned the project's provider keys")
-
-
-@pytest.fixture
-async def ready(keyed: Project) -> Project:
-    await wait_for_router(keyed)
-    return keyed
 
 
 async def test_completion_with_the_async_sdk(ready: Project, fake_upstream: FakeUpstream) -> None:

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as redis
 
 from services.router.cache import MemoryCache, RedisCache, cache_key, make_cache
-from tests.test_router import MESSAGES, keyed, ready  # noqa: F401  (fixtures)
+from tests.helpers import MESSAGES
 
 REQUEST = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
 COMPLETION = {"id": "chatcmpl-1", "object": "chat.completion", "choices": []}

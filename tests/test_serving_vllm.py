@@ -268,7 +268,7 @@ def test_chart_deploys_a_vllm_server_per_base_model(monkeypatch: pytest.MonkeyPa
     from helm_python import Chart
     from helm_python import chart as helm_chart
 
-    from tests.test_deploy import CHART_DIR, KUBERNETES_VERSION
+    from tests.helpers import CHART_DIR, KUBERNETES_VERSION
 
     manifests = Chart.load(CHART_DIR).render(
         values=VLLM_VALUES, name="distillery", namespace="distillery", is_install=True

@@ -27,9 +27,8 @@ from services.common.kafka import ensure_topics, make_broker
 from services.common.settings import Settings
 from services.platform import FastRoutes
 from tests.conftest import BOOTSTRAP_KEY, wait_until
+from tests.helpers import committed_total, openai_body, read_topic, send_raw
 from tests.helpers_crash import wait_dead
-from tests.test_ingest_api import openai_body
-from tests.test_log_writer import committed_total, read_topic, send_raw
 
 
 async def test_requests_arriving_while_stopping_get_503_with_retry_after(running) -> None:

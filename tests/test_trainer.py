@@ -335,7 +335,7 @@ async def test_pause_resume_and_cancel(local) -> None:
 
 
 async def read_all(kafka_url: str, topic: str) -> list[bytes]:
-    from tests.test_log_writer import read_topic
+    from tests.helpers import read_topic
 
     return await read_topic(kafka_url, topic)
 

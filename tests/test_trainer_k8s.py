@@ -238,7 +238,7 @@ async def test_the_pod_reports_its_run_on_kafka_with_clock_sequence_numbers(tans
     from services.common.events import TRAINING_EVENTS_TOPIC
     from services.common.kafka import ensure_topics
     from services.trainer.pod import train
-    from tests.test_log_writer import read_topic
+    from tests.helpers import read_topic
 
     await ensure_topics(tansu.url)
     settings = Settings(
