@@ -21,7 +21,7 @@ from services.common.errors import APIError
 from services.router.routing import model_not_found
 from services.router.service import ChatService
 from tests.conftest import Project, RunningPlatform, wait_for_count
-from tests.fake_upstream import OPENAI_KEY, FakeUpstream
+from tests.fake_upstream import ANTHROPIC_KEY, GEMINI_KEY, OPENAI_KEY, FakeUpstream
 
 MESSAGES = [{"role": "user", "content": "Count to 3"}]
 
@@ -178,3 +178,17 @@ async def test_only_a_catalog_miss_waits_for_the_catalog_and_looks_again() -> No
     with pytest.raises(APIError):
         await chat.resolve("proj", "broken")
     assert synced == [True]  # not a catalog miss: no wait
+
+
+@pytest.mark.parametrize("model", ["anthropic:claude-3-5-sonnet-20241022", "gemini:gemini-1.5-flash"])
+async def test_translated_streams_are_logged_with_real_token_counts(project: Project, model: str) -> None:
+    keys = {"openai": OPENAI_KEY, "anthropic": ANTHROPIC_KEY, "gemini": GEMINI_KEY}
+    async with project.client() as client:
+        assert (await client.put("/provider-keys", json=keys)).status_code == 200
+        streamed = await chat(client, model, stream=True, store=True, metadata={"case": "translated"})
+        assert streamed.status_code == 200, streamed.text
+        events = _events(streamed.content)
+        assert events and all("usage" not in e and e["choices"] for e in events)
+        await wait_for_count(client, 1, params={"metadata.case": "translated"})
+        log = (await client.get("/logs", params={"metadata.case": "translated"})).json()["data"][0]
+    assert log["usage"]["prompt_tokens"] > 0 and log["usage"]["completion_tokens"] > 0, log["usage"]
