@@ -19,8 +19,9 @@ from sqlalchemy import func, select
 
 from services.api.dataset_files import service as files
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob, PruningRule
-from services.api.datasets.service import new_id, now
 from services.common.blobstore import BlobStore
+from services.common.clock import now
+from services.common.ids import new_id
 from services.common.kafka import TansuBroker
 from services.platform import Platform
 from tests.conftest import Project, RunningPlatform, platform_settings, wait_until

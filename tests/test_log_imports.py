@@ -21,11 +21,12 @@ from sqlalchemy import select, text
 
 from services.api.datasets import jobs
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
-from services.api.datasets.service import new_id, now
 from services.api.log_imports import service as imports
 from services.api.projects.models import Project as ProjectRow
+from services.common.clock import now
 from services.common.db import make_engine, make_sessionmaker, migrate
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
+from services.common.ids import new_id
 from services.common.secrets import internal_token
 from tests.conftest import Project, RunningPlatform, wait_for_count, wait_until
 
@@ -553,9 +554,6 @@ async def test_invalid_bodies_name_the_field(
 
 
 # --- the writer on both catalog databases --------------------------------------------------------
-
-
-
 
 
 async def test_bulk_writer_round_trips_on_sqlite_and_postgres(database_url: str) -> None:

@@ -20,8 +20,8 @@ from tests.helpers_serving import HELLO, HELLO_ANSWER, TEST_BASE, serving_assets
 async def add_model(
     running: RunningPlatform, project: Project, slug: str, *, adapter_uri: str | None, status: str
 ) -> None:
-    from services.api.fine_tuning import service as fine_tuning
     from services.api.fine_tuning.models import FineTunedModel
+    from services.common.clock import now
 
     async with running.platform.state["sessions"].begin() as session:
         session.add(
@@ -38,8 +38,8 @@ async def add_model(
                 status=status,
                 adapter_uri=adapter_uri,
                 trained_tokens=1234,
-                created_at=fine_tuning.now(),
-                updated_at=fine_tuning.now(),
+                created_at=now(),
+                updated_at=now(),
             )
         )
 

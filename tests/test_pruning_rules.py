@@ -12,7 +12,9 @@ from sqlalchemy import insert
 
 from services.api.datasets.models import Dataset, DatasetEntry
 from services.api.datasets.rows import parse_entry
-from services.api.datasets.service import draft_values, new_id, now
+from services.api.datasets.service import draft_values
+from services.common.clock import now
+from services.common.ids import new_id
 from tests.conftest import Project, RunningPlatform
 from tests.fake_upstream import OPENAI_KEY, FakeUpstream
 from tests.helpers import sdk, wait_for_router

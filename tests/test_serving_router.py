@@ -287,6 +287,7 @@ async def provisioning_model(running: RunningPlatform, project: Project, slug: s
     """A trained Model as the fine-tuning api leaves it (PROVISIONING), published on catalog.v1."""
     from services.api.fine_tuning import service as fine_tuning
     from services.api.fine_tuning.models import FineTunedModel
+    from services.common.clock import now
 
     async with running.platform.state["sessions"].begin() as session:
         model = FineTunedModel(
@@ -301,8 +302,8 @@ async def provisioning_model(running: RunningPlatform, project: Project, slug: s
             pruning_rules=[],
             status="PROVISIONING",
             adapter_uri=adapter_uri,
-            created_at=fine_tuning.now(),
-            updated_at=fine_tuning.now(),
+            created_at=now(),
+            updated_at=now(),
         )
         session.add(model)
         await session.flush()

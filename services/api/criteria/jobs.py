@@ -22,7 +22,8 @@ from services.api.criteria import service
 from services.api.criteria.models import AlignmentJob, AlignmentRow, Criterion
 from services.api.datasets import jobs as dataset_jobs
 from services.api.datasets.models import DatasetEntry, DatasetJob
-from services.api.datasets.service import now, replace_output
+from services.api.datasets.service import replace_output
+from services.common.clock import now
 from services.judge.client import JudgeClient
 from services.relabel.service import InferenceClient, _output
 

@@ -34,10 +34,11 @@ from services.api.criteria.schemas import (
 )
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
 from services.api.datasets.rows import EntryError, parse_entry
-from services.api.datasets.service import iso, new_id, now
+from services.common.clock import iso, now
 from services.common.errors import APIError
 from services.common.events import CRITERION_KIND, CatalogRecord, JudgementEvent
 from services.common.http import loads_json
+from services.common.ids import new_id
 from services.judge.criteria import criterion_not_found, parse_criterion_id
 
 MIN_LABELLED = 30

@@ -40,10 +40,12 @@ from services.api.dataset_files.spool import SpooledFile
 from services.api.datasets.jobs import create_job, finish, record_progress
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob, DatasetSnapshot, PruningRule
 from services.api.datasets.rows import to_training_row
-from services.api.datasets.service import add_entries, get_dataset, iso, lock_dataset, new_id, now
+from services.api.datasets.service import add_entries, get_dataset, lock_dataset
 from services.common.blobstore import BlobStore, BlobStoreError
+from services.common.clock import iso, now
 from services.common.errors import APIError, bad_request
 from services.common.http import API_PREFIX, loads_json
+from services.common.ids import new_id
 from services.common.pruning import apply_pruning_rules
 
 NDJSON = "application/x-ndjson"

@@ -16,8 +16,9 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.datasets.models import DatasetJob
-from services.api.datasets.service import new_id, now
+from services.common.clock import now
 from services.common.errors import not_found
+from services.common.ids import new_id
 
 log = logging.getLogger(__name__)
 

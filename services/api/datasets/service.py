@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Text, and_, case, cast, delete, exists, func, insert, or_, select, update
@@ -41,11 +41,9 @@ from services.api.datasets.schemas import (
     UnstableDatasetItem,
 )
 from services.api.fine_tuning.models import FineTunedModel
+from services.common.clock import iso, now
 from services.common.errors import bad_request, not_found
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(10)}"
+from services.common.ids import new_id
 
 
 def entry_ids() -> Iterator[str]:
@@ -58,10 +56,6 @@ def entry_ids() -> Iterator[str]:
     for sequence in range(0x10000):
         yield f"{prefix}{sequence:04x}{salt:05x}"
     yield from iter(lambda: new_id("dse"), None)
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 async def get_dataset(*, session: AsyncSession, project_id: str, dataset_id: str) -> Dataset:
@@ -167,11 +161,6 @@ async def add_entries(
 
 
 # --- datasets --------------------------------------------------------------------------------
-
-
-def iso(moment: datetime) -> str:
-    # SQLite hands back naive datetimes; every stored one is UTC.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
 
 
 async def create_dataset(*, session: AsyncSession, project_id: str, name: str) -> Dataset:

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.api.fine_tuning import service as fine_tuning
 from services.api.fine_tuning.models import TrainingJob
 from services.common.blobstore import BlobStore
+from services.common.clock import now
 from services.common.events import CatalogRecord
 from services.common.settings import Settings
 from services.serving.deploy import deploy_adapter, retire_adapter
@@ -124,7 +125,7 @@ class Deployer:
                 return
             model.status = "ERROR" if error else "DEPLOYED"
             model.error_message = error
-            model.updated_at = fine_tuning.now()
+            model.updated_at = now()
             job = await session.get(TrainingJob, model.job_id) if model.job_id else None
             if job is not None:
                 message = error or f"Model {slug!r} deployed: its adapter answered a probe request."

@@ -65,6 +65,7 @@ from services.api.fine_tuning.schemas import (
 )
 from services.common.blobstore import BlobStore, BlobStoreError
 from services.common.catalog import CatalogReader
+from services.common.clock import iso, now
 from services.common.errors import APIError, bad_request, invalid_input, not_found, unavailable
 from services.common.events import (
     CATALOG_TOPIC,
@@ -87,14 +88,6 @@ JOB_TO_MODEL_STATUS = {
     "failed": "ERROR",
     "cancelled": "ERROR",
 }
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(moment: datetime) -> str:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
 
 
 def unix(moment: datetime) -> int:

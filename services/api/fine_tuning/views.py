@@ -39,6 +39,7 @@ from services.api.fine_tuning.schemas import (
 from services.common.auth import require_project
 from services.common.blobstore import BlobStore
 from services.common.catalog import CatalogReader
+from services.common.clock import iso
 from services.common.errors import bad_request, not_found
 from services.common.events import CatalogRecord
 
@@ -207,7 +208,7 @@ async def unstable_finetune_get(
         baseModel=model.base_model,
         errorMessage=model.error_message,
         datasetId=model.dataset_id,
-        createdAt=service.iso(model.created_at),
+        createdAt=iso(model.created_at),
     )
 
 

@@ -41,10 +41,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from services.api.datasets import jobs
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
 from services.api.datasets.rows import EntryDraft, EntryError, parse_entry
-from services.api.datasets.service import draft_values, entry_ids, get_dataset, now
+from services.api.datasets.service import draft_values, entry_ids, get_dataset
 from services.api.log_imports.models import JOB_KIND, SOURCE, ImportFilters, ImportLogsRequest
 from services.common import tracing
 from services.common.auth import INTERNAL_TOKEN_HEADER, PROJECT_HEADER
+from services.common.clock import now
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.api.fine_tuning import service as fine_tuning
 from services.api.fine_tuning.models import FineTunedModel, TrainingJob
 from services.common.blobstore import BlobStore
+from services.common.clock import iso
 from services.common.errors import APIError, not_found
 from services.common.model_store import ModelNotFound, ensure_base_model
 
@@ -93,7 +94,7 @@ def model_card(model: FineTunedModel, job: TrainingJob | None, format: Format) -
         "trained_tokens": model.trained_tokens,
         "metrics": metrics,
         "job_id": model.job_id,
-        "created": fine_tuning.iso(model.created_at),
+        "created": iso(model.created_at),
         "exported_at": int(time.time()),
     }
 

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import secrets
-from datetime import UTC, datetime
-
 from faststream.kafka import KafkaBroker
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.projects.models import ApiKey, Project
 from services.common.auth import API_KEY_KIND, generate_api_key, hash_api_key
+from services.common.clock import now
 from services.common.events import CATALOG_TOPIC, CatalogRecord
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(10)}"
+from services.common.ids import new_id
 
 
 async def get_project_by_name(*, session: AsyncSession, name: str) -> Project | None:
@@ -31,7 +26,7 @@ async def list_projects(*, session: AsyncSession) -> list[Project]:
 
 
 async def create_project(*, session: AsyncSession, name: str) -> Project:
-    project = Project(id=_new_id("proj"), name=name, created_at=datetime.now(UTC))
+    project = Project(id=new_id("proj"), name=name, created_at=now())
     session.add(project)
     await session.flush()
     return project
@@ -43,11 +38,11 @@ async def add_api_key(
     """Store a key (minted unless given) by hash; returns the row and the plain key."""
     plain = key or generate_api_key()
     row = ApiKey(
-        id=_new_id("key"),
+        id=new_id("key"),
         project_id=project_id,
         key_hash=hash_api_key(plain),
         prefix=plain[:8],
-        created_at=datetime.now(UTC),
+        created_at=now(),
     )
     session.add(row)
     await session.flush()

@@ -48,9 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import Iterable
-from datetime import UTC, datetime
 
 from faststream.kafka import KafkaBroker
 from sqlalchemy import select
@@ -74,8 +72,10 @@ from services.api.providers.models import (
     ProviderKeysOut,
     ProviderKeysUpdate,
 )
+from services.common.clock import iso, now
 from services.common.errors import APIError, bad_request, not_found, unavailable
 from services.common.events import CATALOG_TOPIC, CatalogRecord
+from services.common.ids import new_id
 from services.common.secrets import SecretError, decrypt_secret, encrypt_secret
 
 log = logging.getLogger(__name__)
@@ -83,19 +83,6 @@ log = logging.getLogger(__name__)
 PROVIDER_KEYS_KIND = "provider_keys"
 EXTERNAL_PROVIDER_KIND = "external_provider"
 DEPLOYMENT_KIND = "deployment"
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(10)}"
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _iso(moment: datetime) -> str:
-    # SQLite hands back naive datetimes; every stored one is UTC.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
 
 
 def _seal(value: str | None, key: bytes) -> str | None:
@@ -124,7 +111,7 @@ async def update_provider_keys(
     for name in PROVIDER_NAMES:
         if name in update.model_fields_set:
             setattr(row, f"{name}_key_enc", _seal(getattr(update, name), secret_key))
-    row.updated_at = _now()
+    row.updated_at = now()
     try:
         await session.flush()
     except IntegrityError:
@@ -151,7 +138,7 @@ def provider_keys_record(row: ProviderKeys) -> CatalogRecord:
 def _models(specs: list[ExternalModelSpec]) -> list[ExternalModel]:
     return [
         ExternalModel(
-            id=_new_id("emod"),
+            id=new_id("emod"),
             slug=spec.slug,
             position=position,
             context_window=spec.contextWindow,
@@ -202,17 +189,17 @@ async def create_provider(
     )
     if await session.scalar(taken) is not None:
         raise conflict(f"An external provider with slug '{spec.slug}' already exists.", param="slug")
-    now = _now()
+    moment = now()
     provider = ExternalProvider(
-        id=_new_id("prov"),
+        id=new_id("prov"),
         project_id=project_id,
         slug=spec.slug,
         type=spec.type,
         base_url=spec.baseUrl,
         api_key_enc=_seal(spec.apiKey, secret_key),
         api_version=spec.apiVersion,
-        created_at=now,
-        updated_at=now,
+        created_at=moment,
+        updated_at=moment,
         models=_models(spec.models),
     )
     session.add(provider)
@@ -248,7 +235,7 @@ async def update_provider(
         provider.models.clear()
         await session.flush()  # delete the old rows before inserting ones that may reuse their slugs
         provider.models.extend(_models(update.models))
-    provider.updated_at = _now()
+    provider.updated_at = now()
     await session.flush()
     return provider
 
@@ -286,8 +273,8 @@ def provider_out(provider: ExternalProvider) -> ExternalProviderOut:
             )
             for m in provider.models
         ],
-        created=_iso(provider.created_at),
-        updated=_iso(provider.updated_at),
+        created=iso(provider.created_at),
+        updated=iso(provider.updated_at),
     )
 
 
@@ -356,9 +343,9 @@ async def put_deployment(
     )
     deployment = await session.scalar(query)
     created = deployment is None
-    now = _now()
+    moment = now()
     if deployment is None:
-        deployment = Deployment(id=_new_id("depl"), project_id=project_id, slug=slug, created_at=now)
+        deployment = Deployment(id=new_id("depl"), project_id=project_id, slug=slug, created_at=moment)
         session.add(deployment)
     deployment.base_url = spec.baseUrl
     deployment.upstream_model = spec.model
@@ -368,7 +355,7 @@ async def put_deployment(
     deployment.default_temperature = spec.defaultTemperature
     deployment.input_price_per_million = spec.inputPricePerMillion
     deployment.output_price_per_million = spec.outputPricePerMillion
-    deployment.updated_at = now
+    deployment.updated_at = moment
     try:
         await session.flush()
     except IntegrityError:  # lost a race to create the same slug
@@ -399,8 +386,8 @@ def deployment_out(deployment: Deployment) -> DeploymentOut:
         defaultTemperature=deployment.default_temperature,
         inputPricePerMillion=deployment.input_price_per_million,
         outputPricePerMillion=deployment.output_price_per_million,
-        created=_iso(deployment.created_at),
-        updated=_iso(deployment.updated_at),
+        created=iso(deployment.created_at),
+        updated=iso(deployment.updated_at),
     )
 
 

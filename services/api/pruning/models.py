@@ -8,12 +8,12 @@ runs on requests to a model trained with those rules).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from services.api.datasets.models import PruningRule
+from services.common.clock import iso
 
 MAX_RULES_PER_DATASET = 100  # a deployment carries at most this many (``DeploymentSpec.pruningRules``)
 MAX_RULE_CHARS = 65536
@@ -102,11 +102,6 @@ class PreviewOut(BaseModel):
     rule_ids: list[str] = Field(description="the rules applied, in order")
     totals: PreviewTotals = Field(description="over every entry of the dataset")
     data: list[EntryPreview] = Field(description="the first entries (oldest first)")
-
-
-def iso(moment: datetime) -> str:
-    # SQLite hands back naive datetimes; every stored one is UTC.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
 
 
 def rule_out(rule: PruningRule) -> PruningRuleOut:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.datasets.models import Dataset, DatasetEntry, PruningRule
 from services.api.datasets.rows import estimate_tokens
-from services.api.datasets.service import get_dataset, new_id, now
+from services.api.datasets.service import get_dataset
 from services.api.providers.models import DeploymentSpec
 from services.api.pruning.models import (
     MAX_RULES_PER_DATASET,
@@ -23,7 +23,9 @@ from services.api.pruning.models import (
     PreviewOut,
     PreviewTotals,
 )
+from services.common.clock import now
 from services.common.errors import bad_request, not_found
+from services.common.ids import new_id
 from services.common.pruning import apply_pruning_rules
 
 PREVIEW_SCAN_ROWS = 1000  # entries fetched per round trip when totalling a preview

@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.api.datasets import jobs
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
 from services.api.datasets.schemas import parse_entry_filters
-from services.api.datasets.service import list_entries, now, replace_output
+from services.api.datasets.service import list_entries, replace_output
 from services.api.relabel.models import RelabelOutcome, RelabelStart
+from services.common.clock import now
 from services.common.errors import bad_request
 from services.common.events import RELABEL_REQUESTS_TOPIC, RelabelItem, RelabelRequest, RelabelResult
 
