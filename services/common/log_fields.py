@@ -1,4 +1,4 @@
-"""Fields every log producer fills the same way: ids and metadata."""
+"""Fields every log producer and reader treats the same way: ids, status and metadata."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args
+
+# A log's outcome: answered, failed, or reported before its response arrived.
+LogStatus = Literal["success", "error", "pending"]
+LOG_STATUSES: tuple[str, ...] = get_args(LogStatus)
+LOG_STATUS_CHOICES = ", ".join(f"'{status}'" for status in LOG_STATUSES)
 
 
 def new_log_id(now_ms: int | None = None) -> str:

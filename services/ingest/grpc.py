@@ -20,12 +20,11 @@ from services.common.auth import KeyRing, resolve_grpc_project
 from services.common.clickhouse import ClickHouse
 from services.common.errors import APIError
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
+from services.common.log_fields import LOG_STATUS_CHOICES, LOG_STATUSES
 from services.ingest import store
 from services.ingest.store import LogFilters
 
 log = logging.getLogger(__name__)
-
-STATUSES = ("success", "error", "pending")
 
 STORE_UNAVAILABLE = "The log store is unavailable. Retry later."
 DEFAULT_BATCH_LOGS = 1000
@@ -43,8 +42,8 @@ def filters_from_proto(message: logs_pb2.LogFilters) -> LogFilters:
         return getattr(message, name) if message.HasField(name) else None
 
     status = optional("status")
-    if status is not None and status not in STATUSES:
-        raise InvalidArgument("filters.status must be one of 'success', 'error', 'pending'.")
+    if status is not None and status not in LOG_STATUSES:
+        raise InvalidArgument(f"filters.status must be one of {LOG_STATUS_CHOICES}.")
     return LogFilters(
         model=optional("model"),
         completion_id=optional("completion_id"),

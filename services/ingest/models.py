@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.common.events import MAX_STATUS_CODE, MAX_UNIX_MS
+from services.common.log_fields import LogStatus
 
 TAG_NAME = re.compile(r"^[A-Za-z0-9_$.]+$")
 TagValue = str | int | float | bool | None
@@ -96,7 +97,7 @@ class RequestLog(BaseModel):
     model: str
     provider: str
     completionId: str
-    status: Literal["success", "error", "pending"]
+    status: LogStatus
     statusCode: int | None
     errorMessage: str | None
     finishReason: str

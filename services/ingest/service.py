@@ -11,7 +11,7 @@ import orjson
 from services.common.clickhouse import ClickHouse
 from services.common.errors import bad_request
 from services.common.events import MAX_UNIX_MS, LogEvent
-from services.common.log_fields import merge_metadata, new_log_id, stringify
+from services.common.log_fields import LOG_STATUS_CHOICES, LOG_STATUSES, merge_metadata, new_log_id, stringify
 from services.ingest import store
 from services.ingest.models import AnthropicReportRequest, LogFilter, ReportRequest, RequestLog, Usage
 from services.ingest.store import LogFilters
@@ -87,8 +87,8 @@ def filters_from_query(params: Mapping[str, str], *, allowed_extra: tuple[str, .
         elif name not in store.FILTER_FIELDS and name not in allowed_extra:
             raise bad_request(f"Unknown filter {name!r}.", param=name)
     status = params.get("status")
-    if status is not None and status not in ("success", "error", "pending"):
-        raise bad_request("status must be one of 'success', 'error', 'pending'.", param="status")
+    if status is not None and status not in LOG_STATUSES:
+        raise bad_request(f"status must be one of {LOG_STATUS_CHOICES}.", param="status")
     return LogFilters(
         model=params.get("model"),
         completion_id=params.get("completionId"),

@@ -19,7 +19,7 @@ from services.common.clickhouse import ClickHouse
 from services.common.errors import APIError, bad_request, invalid_input, not_found, unavailable
 from services.common.events import LOGS_TOPIC, MAX_UNIX_MS, LogEvent
 from services.common.http import loads_json, openapi_json_body, openapi_query
-from services.common.log_fields import stringify
+from services.common.log_fields import LOG_STATUSES, stringify
 from services.ingest import service, store
 from services.ingest.models import (
     AnthropicReportRequest,
@@ -111,7 +111,7 @@ def _report_body(model: type[ReportRequest]) -> dict:
 _FILTER_QUERY = (
     ("model", {"type": "string"}, "the model the call named"),
     ("completionId", {"type": "string"}, "the provider's completion id"),
-    ("status", {"type": "string", "enum": ["success", "error", "pending"]}, "outcome of the call"),
+    ("status", {"type": "string", "enum": list(LOG_STATUSES)}, "outcome of the call"),
     ("requestedAfter", {"type": "integer", "minimum": 0, "maximum": MAX_UNIX_MS}, "unix ms, inclusive"),
     ("requestedBefore", {"type": "integer", "minimum": 0, "maximum": MAX_UNIX_MS}, "unix ms, exclusive"),
     ("requestContains", {"type": "string"}, "text the request payload contains"),

@@ -7,11 +7,12 @@ answered and polled as ``services.api.datasets.schemas.JobOut``.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from services.common.events import MAX_UNIX_MS
+from services.common.log_fields import LogStatus
 
 JOB_KIND = "import_logs"
 SOURCE = "request_log"
@@ -26,7 +27,7 @@ class ImportFilters(BaseModel):
 
     model: str | None = None
     completionId: str | None = None
-    status: Literal["success", "error", "pending"] | None = None
+    status: LogStatus | None = None
     requestedAfter: int | None = Field(default=None, ge=0, le=MAX_UNIX_MS, description="unix ms, inclusive")
     requestedBefore: int | None = Field(default=None, ge=0, le=MAX_UNIX_MS, description="unix ms, exclusive")
     requestContains: str | None = Field(default=None, min_length=1)
