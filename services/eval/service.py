@@ -188,23 +188,22 @@ class EvalWorker:
         if request.eval_id in self.stopped:
             log.info("eval %s was stopped; dropped batch %s", request.eval_id, request.request_id)
             return
-        await publish(
-            EvalEvent(
-                event_id=f"{request.eval_id}:running",
-                eval_id=request.eval_id,
-                project_id=request.project_id,
-                type="status",
-                status="running",
-                created_at=int(time.time() * 1000),
+        if request.request_id.endswith(":0"):
+            await publish(
+                EvalEvent(
+                    event_id=f"{request.eval_id}:running",
+                    eval_id=request.eval_id,
+                    project_id=request.project_id,
+                    type="status",
+                    status="running",
+                    created_at=int(time.time() * 1000),
+                )
             )
-        )
-        outputs = await asyncio.gather(*(self._outputs(request, row) for row in request.rows))
-        code_scores = await self._code_scores(request, outputs)
 
-        async def finish(index: int, row: EvalRow) -> None:
+        async def finish(row: EvalRow, outputs: dict[str, EvalOutput], scores: list[EvalScore]) -> None:
             if request.eval_id in self.stopped:
                 return
-            scores = code_scores[index] + await self._other_scores(request, row, outputs[index])
+            scores = scores + await self._other_scores(request, row, outputs)
             await publish(
                 EvalEvent(
                     event_id=f"{request.eval_id}:{row.entry_id}",
@@ -212,13 +211,25 @@ class EvalWorker:
                     project_id=request.project_id,
                     type="row",
                     entry_id=row.entry_id,
-                    outputs=list(outputs[index].values()),
+                    outputs=list(outputs.values()),
                     scores=scores,
                     created_at=int(time.time() * 1000),
                 )
             )
 
-        await asyncio.gather(*(finish(i, row) for i, row in enumerate(request.rows)))
+        if any(e.type == "code" for e in request.evaluators):
+            # Code graders take the whole batch in one sandbox round trip, once every output is in.
+            outputs = await asyncio.gather(*(self._outputs(request, row) for row in request.rows))
+            code_scores = await self._code_scores(request, outputs)
+            await asyncio.gather(
+                *(finish(row, outputs[i], code_scores[i]) for i, row in enumerate(request.rows))
+            )
+            return
+
+        async def pipeline(row: EvalRow) -> None:  # a row is judged as soon as its outputs are in
+            await finish(row, await self._outputs(request, row), [])
+
+        await asyncio.gather(*(pipeline(row) for row in request.rows))
 
     async def _outputs(self, request: EvalRequest, row: EvalRow) -> dict[str, EvalOutput]:
         async def one(model: str) -> EvalOutput:

@@ -51,7 +51,7 @@ from services.common.events import (
 )
 from services.eval.graders import validate_grader
 
-BATCH_SIZE = 20
+BATCH_SIZE = 100  # rows per eval.requests.v1 message: the unit of redelivery after a crash
 MODEL_GRADERS = ("score_model", "label_model")
 
 
@@ -321,98 +321,115 @@ def _insert(session: AsyncSession) -> Any:
     return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
 
 
-async def apply_event(*, session: AsyncSession, event: EvalEvent) -> bool:
-    """Apply one event; False when it was already applied or its eval is gone or stopped."""
-    record = await session.get(Eval, event.eval_id, with_for_update=True)
-    if record is None or record.project_id != event.project_id or record.status in TERMINAL:
-        return False
+async def apply_events(*, session: AsyncSession, events: list[EvalEvent]) -> int:
+    """Apply a batch of events in bulk; returns how many were new (re-deliveries and events of
+    evals that are gone or stopped are skipped)."""
+    applied = 0
+    by_eval: dict[str, list[EvalEvent]] = defaultdict(list)
+    for event in events:
+        by_eval[event.eval_id].append(event)
+    for eval_id, mine in by_eval.items():
+        record = await session.get(Eval, eval_id, with_for_update=True)
+        if record is None or record.status in TERMINAL:
+            continue
+        fresh = await _first_time(session, record, [e for e in mine if e.project_id == record.project_id])
+        applied += len(fresh)
+        await _apply(session, record, fresh)
+    return applied
+
+
+async def _first_time(session: AsyncSession, record: Eval, events: list[EvalEvent]) -> list[EvalEvent]:
+    unique = list({e.event_id: e for e in events}.values())
+    if not unique:
+        return []
     inserted = await session.execute(
         _insert(session)(EvalAppliedEvent)
-        .values(event_id=event.event_id, eval_id=record.id)
+        .values([{"event_id": e.event_id, "eval_id": record.id} for e in unique])
         .on_conflict_do_nothing()
+        .returning(EvalAppliedEvent.event_id)
     )
-    if not inserted.rowcount:
-        return False
+    new = set(inserted.scalars())
+    return [e for e in unique if e.event_id in new]
+
+
+async def _apply(session: AsyncSession, record: Eval, events: list[EvalEvent]) -> None:
     moment = now()
-    if event.type == "status":
-        if event.status == "failed":
+    rows = [e for e in events if e.type == "row"]
+    for event in events:
+        if event.type == "status" and event.status == "failed":
             record.status, record.error, record.finished_at = "failed", event.message[:2000], moment
-        elif record.status == "queued":
-            record.status = "running"
+    if record.status == "failed":
         record.updated_at = moment
-        return True
-    await _store_row(session, record, event, moment)
-    record.progress_done += 1
-    record.status = "running"
-    if record.progress_done >= record.progress_total:
-        record.status, record.finished_at = "succeeded", moment
-    record.updated_at = moment
-    return True
+        return
+    if events:
+        record.status = "running"
+        record.updated_at = moment
+    if rows:
+        await _store_rows(session, record, rows, moment)
+        record.progress_done += len(rows)
+        if record.progress_done >= record.progress_total:
+            record.status, record.finished_at = "succeeded", moment
 
 
-async def _store_row(session: AsyncSession, record: Eval, event: EvalEvent, moment: datetime) -> None:
-    insert = _insert(session)
-    for out in event.outputs:
-        if out.output is not None and out.output_key and not out.reused:
-            await session.execute(
-                insert(EvalOutputRecord)
-                .values(
-                    project_id=record.project_id,
-                    output_key=out.output_key,
-                    model=out.model,
-                    output=out.output,
-                    latency_ms=out.latency_ms,
-                    prompt_tokens=out.prompt_tokens,
-                    completion_tokens=out.completion_tokens,
-                    cost_usd=out.cost_usd,
-                    created_at=moment,
-                )
-                .on_conflict_do_nothing()
-            )
-    if event.outputs:
+async def _bulk(session: AsyncSession, table: Any, values: list[dict[str, Any]], chunk: int = 500) -> None:
+    for start in range(0, len(values), chunk):
         await session.execute(
-            insert(EvalRowOutput)
-            .values(
-                [
-                    dict(
-                        eval_id=record.id,
-                        entry_id=event.entry_id,
-                        model=o.model,
-                        output_key=o.output_key,
-                        output=o.output,
-                        error=o.error,
-                        reused=o.reused,
-                        latency_ms=o.latency_ms,
-                        cost_usd=o.cost_usd,
-                    )
-                    for o in event.outputs
-                ]
-            )
-            .on_conflict_do_nothing()
+            _insert(session)(table).values(values[start : start + chunk]).on_conflict_do_nothing()
         )
-    if event.scores:
-        await session.execute(
-            insert(EvalResult)
-            .values(
-                [
-                    dict(
-                        eval_id=record.id,
-                        entry_id=event.entry_id,
-                        evaluator=s.evaluator,
-                        model=s.model,
-                        opponent=s.opponent,
-                        score=s.score,
-                        winner=s.winner,
-                        explanation=s.explanation,
-                        error=s.error,
-                        judge_calls=s.judge_calls,
-                        cost_usd=s.cost_usd,
-                    )
-                    for s in event.scores
-                ]
-            )
-            .on_conflict_do_nothing()
+
+
+async def _store_rows(session: AsyncSession, record: Eval, events: list[EvalEvent], moment: datetime) -> None:
+    shared = [
+        dict(
+            project_id=record.project_id,
+            output_key=o.output_key,
+            model=o.model,
+            output=o.output,
+            latency_ms=o.latency_ms,
+            prompt_tokens=o.prompt_tokens,
+            completion_tokens=o.completion_tokens,
+            cost_usd=o.cost_usd,
+            created_at=moment,
         )
+        for e in events
+        for o in e.outputs
+        if o.output is not None and o.output_key and not o.reused
+    ]
+    per_row = [
+        dict(
+            eval_id=record.id,
+            entry_id=e.entry_id,
+            model=o.model,
+            output_key=o.output_key,
+            output=o.output,
+            error=o.error,
+            reused=o.reused,
+            latency_ms=o.latency_ms,
+            cost_usd=o.cost_usd,
+        )
+        for e in events
+        for o in e.outputs
+    ]
+    scores = [
+        dict(
+            eval_id=record.id,
+            entry_id=e.entry_id,
+            evaluator=s.evaluator,
+            model=s.model,
+            opponent=s.opponent,
+            score=s.score,
+            winner=s.winner,
+            explanation=s.explanation,
+            error=s.error,
+            judge_calls=s.judge_calls,
+            cost_usd=s.cost_usd,
+        )
+        for e in events
+        for s in e.scores
+    ]
+    await _bulk(session, EvalOutputRecord, shared)
+    await _bulk(session, EvalRowOutput, per_row)
+    await _bulk(session, EvalResult, scores)
 
 
 # --- reading results ------------------------------------------------------------------------------
