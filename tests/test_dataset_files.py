@@ -18,7 +18,8 @@ import pytest
 from sqlalchemy import func, select
 
 from services.api.dataset_files import service as files
-from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob, PruningRule
+from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
+from services.api.pruning.models import PruningRule
 from services.common.blobstore import BlobStore
 from services.common.clock import now
 from services.common.ids import new_id

@@ -38,9 +38,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.api.dataset_files.models import DatasetExportOut, DatasetSnapshotOut
 from services.api.dataset_files.spool import SpooledFile
 from services.api.datasets.jobs import create_job, finish, record_progress
-from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob, DatasetSnapshot, PruningRule
+from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob, DatasetSnapshot
 from services.api.datasets.rows import to_training_row
 from services.api.datasets.service import add_entries, get_dataset, lock_dataset
+from services.api.pruning.models import PruningRule
 from services.common.blobstore import BlobStore, BlobStoreError
 from services.common.clock import iso, now
 from services.common.errors import APIError, bad_request

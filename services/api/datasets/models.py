@@ -11,9 +11,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+# Transitional: services/api/models.py (being edited by its owner) still imports the table from here.
+from services.api.pruning.models import PruningRule  # noqa: F401
 from services.common.db import Base
 
 Split = Literal["TRAIN", "TEST"]
@@ -79,18 +81,6 @@ class DatasetEntryRevision(Base):
     rejected_message: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     provenance: Mapped[str] = mapped_column(String(24))
     relabel_model: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-class PruningRule(Base):
-    __tablename__ = "pruning_rules"
-
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    dataset_id: Mapped[str] = mapped_column(
-        String(40), ForeignKey("datasets.id", ondelete="CASCADE"), index=True
-    )
-    position: Mapped[int] = mapped_column(Integer)
-    text: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

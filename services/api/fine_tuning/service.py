@@ -48,7 +48,7 @@ from services.api.dataset_files.service import (
     snapshot_key,
     snapshot_lock,
 )
-from services.api.datasets.models import Dataset, DatasetEntry, PruningRule
+from services.api.datasets.models import Dataset, DatasetEntry
 from services.api.datasets.service import dataset_stats, get_dataset
 from services.api.fine_tuning import catalog, files
 from services.api.fine_tuning.models import FineTunedModel, JobCheckpoint, JobEvent, TrainingJob
@@ -63,6 +63,7 @@ from services.api.fine_tuning.schemas import (
     SftHyperparameters,
     TrainingConfig,
 )
+from services.api.pruning.models import PruningRule
 from services.common.blobstore import BlobStore, BlobStoreError
 from services.common.catalog import CatalogReader
 from services.common.clock import iso, now

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.api.datasets.models import Dataset, DatasetEntry, PruningRule
+from services.api.datasets.models import Dataset, DatasetEntry
 from services.api.datasets.rows import estimate_tokens
 from services.api.datasets.service import get_dataset
 from services.api.providers.models import DeploymentSpec
-from services.api.pruning.models import (
+from services.api.pruning.models import PruningRule
+from services.api.pruning.schemas import (
     MAX_RULES_PER_DATASET,
     EntryPreview,
     PreviewOut,

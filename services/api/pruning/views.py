@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.pruning import service
-from services.api.pruning.models import (
+from services.api.pruning.schemas import (
     PreviewOut,
     PreviewRequest,
     PruningRuleCreate,
