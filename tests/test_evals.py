@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 
 from services.common.events import EVAL_EVENTS_TOPIC, EvalEvent, EvalScore
@@ -400,3 +402,35 @@ async def test_criterion_eval_through_the_judge(project: Project, fake_judge) ->
             await http.get(f"/evals/{started['id']}/rows", params={"evaluator": "no-such-criterion"})
         ).json()
         assert all("no-such-criterion" in r["error"] for r in unknown["data"]), unknown["data"][0]
+
+
+async def test_poison_eval_messages_go_to_the_dlq(running) -> None:  # type: ignore[no-untyped-def]
+    from aiokafka import AIOKafkaConsumer
+
+    from services.common.events import EVAL_REQUESTS_TOPIC, dlq_topic
+
+    broker = running.platform.broker
+    marker = f"poison-{time.monotonic_ns()}"
+    await broker.publish({"not": "an eval request", "marker": marker}, EVAL_REQUESTS_TOPIC, key=b"poison")
+    await broker.publish({"event_id": marker}, EVAL_EVENTS_TOPIC, key=b"poison")
+    found: dict[str, str] = {}
+    consumer = AIOKafkaConsumer(
+        dlq_topic(EVAL_REQUESTS_TOPIC),
+        dlq_topic(EVAL_EVENTS_TOPIC),
+        bootstrap_servers=running.settings.kafka_url,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(found) < 2 and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    letter = orjson.loads(record.value)
+                    if marker in letter["payload"]:
+                        found[letter["topic"]] = letter["reason"]
+    finally:
+        await consumer.stop()
+    assert "not an EvalRequest" in found[EVAL_REQUESTS_TOPIC]
+    assert "not an EvalEvent" in found[EVAL_EVENTS_TOPIC]
