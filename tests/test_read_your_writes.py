@@ -169,7 +169,9 @@ async def test_only_a_catalog_miss_waits_for_the_catalog_and_looks_again() -> No
         synced.append(True)
         return True
 
-    chat = ChatService(router=Catalog(), upstream=None, cache=None, shipper=None, max_concurrency=1)  # type: ignore[arg-type]
+    chat = object.__new__(ChatService)  # only its resolve() is under test
+    chat.router = chat.resolver = Catalog()  # the resolver's attribute name, either spelling
+    chat.catalog_sync = None
     with pytest.raises(APIError):
         await chat.resolve("proj", "new-model")  # no catalog to catch up with: the miss stands
     chat.catalog_sync = sync
