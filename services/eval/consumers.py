@@ -78,5 +78,9 @@ def register_eval_worker(broker: KafkaBroker, worker: EvalWorker, settings: Sett
             )
             log.error("eval request at %s@%d sent to the DLQ: %s", record.topic, record.offset, letter.reason)
             return
-        await worker.handle(request, publish)
+        try:
+            await worker.handle(request, publish)
+        except Exception:
+            log.exception("eval batch %s failed; it will be consumed again", request.request_id)
+            raise
         log.info("evaluated batch %s (%d rows)", request.request_id, len(request.rows))

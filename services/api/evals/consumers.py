@@ -63,6 +63,10 @@ def register_events_consumer(
                 )
         if not events:
             return
-        async with sessions.begin() as session:
-            applied = await apply_events(session=session, events=events)
+        try:
+            async with sessions.begin() as session:
+                applied = await apply_events(session=session, events=events)
+        except Exception:
+            log.exception("applying %d eval events failed; they will be consumed again", len(events))
+            raise
         log.debug("applied %d of %d eval events", applied, len(events))
