@@ -3,6 +3,7 @@ the HTTP boundary) → eval.events.v1 → api; results, rows, matrix, exports, c
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import math
@@ -434,3 +435,30 @@ async def test_poison_eval_messages_go_to_the_dlq(running) -> None:  # type: ign
         await consumer.stop()
     assert "not an EvalRequest" in found[EVAL_REQUESTS_TOPIC]
     assert "not an EvalEvent" in found[EVAL_EVENTS_TOPIC]
+
+
+async def test_a_cancelled_eval_stops_its_worker(make_project) -> None:  # type: ignore[no-untyped-def]
+    slow, server, task = await start_fake_judge(latency=1.0)
+    try:
+        project = await make_project()
+        async with project.client() as http:
+            await register_judge(http, slow)
+            dataset_id = await make_dataset(http, count=30)
+            body = {
+                "name": "to cancel",
+                "datasetId": dataset_id,
+                "models": ["openpipe:judge/slow-student"],
+                "evaluators": [{"type": "code", "name": "exact", "source": EXACT_MATCH}],
+            }
+            started = (await http.post("/evals", json=body)).json()
+            cancelled = await http.post(f"/evals/{started['id']}/cancel")
+            assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+            generated = slow.calls["slow-student"]
+            await asyncio.sleep(3)
+            state = (await http.get(f"/evals/{started['id']}")).json()
+        assert state["status"] == "cancelled" and state["progress"]["done"] < 30
+        assert state["finishedAt"] is not None
+        assert slow.calls["slow-student"] - generated <= 30  # at most the batch already in flight
+    finally:
+        server.should_exit = True
+        await task
