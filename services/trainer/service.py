@@ -150,16 +150,33 @@ class LocalTrainer:
         self._worker = asyncio.create_task(self._work(), name="trainer-worker")
 
     async def stop(self) -> None:
+        """Stop the runs in flight; they resume from their last checkpoint when the trainer starts again."""
+        children = dict(self.children)
+        for process in children.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
         if self._worker:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        for process in list(self.children.values()):
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-        for process in list(self.children.values()):
-            with contextlib.suppress(Exception):
+        for job_id, process in children.items():
+            try:
                 await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                kill_child(process)
+            job = self.folder(job_id)
+            status = job.last_status()
+            if status in TERMINAL or status == "paused":
+                job.save_state(status=status)
+                continue
+            # A deliberate stop is not a failed attempt: the job is simply queued again.
+            job.save_state(status="queued")
+            job.events.emit(
+                "message",
+                "The trainer stopped; the run resumes from its last checkpoint when it starts again.",
+                level="warn",
+            )
+            await self._relay_quietly(job)
 
     # --- requests --------------------------------------------------------------------------
 
@@ -266,10 +283,10 @@ class LocalTrainer:
                     await asyncio.wait_for(process.wait(), RELAY_INTERVAL)
                     break
                 except TimeoutError:
-                    await self.relay(job)
+                    await self._relay_quietly(job)
         finally:
             self.children.pop(job.job_id, None)
-        await self.relay(job)
+        await self._relay_quietly(job, patience=60.0)
         status = job.last_status()
         if process.returncode != 0 or status not in (*TERMINAL, "paused"):
             await self._crashed(job, f"the training process exited with code {process.returncode}")
@@ -323,6 +340,22 @@ class LocalTrainer:
         return {**env, **self.child_env}
 
     # --- events ----------------------------------------------------------------------------
+
+    async def _relay_quietly(self, job: JobFolder, patience: float = 0.0) -> None:
+        """Relay, retrying for ``patience`` seconds; what is left goes out with the job's next relay
+        (the lines stay in the file, and every start relays every job's backlog)."""
+        deadline = asyncio.get_running_loop().time() + patience
+        delay = 0.5
+        while True:
+            try:
+                await self.relay(job)
+                return
+            except Exception as exc:
+                if asyncio.get_running_loop().time() >= deadline:
+                    log.warning("relaying events of job %s failed: %s; will retry", job.job_id, exc)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def relay(self, job: JobFolder) -> None:
         """Publish the job's event lines not yet published, in order, remembering how far it got."""
