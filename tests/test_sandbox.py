@@ -201,3 +201,38 @@ async def test_concurrent_evals_each_get_their_own_worker(tmp_path) -> None:  # 
         return result.score
 
     assert await asyncio.gather(*(one(n) for n in range(3))) == [0.0, 0.1, 0.2]
+
+
+async def test_the_user_namespace_path_for_non_root_hosts(tmp_path, monkeypatch, listener: int) -> None:  # type: ignore[no-untyped-def]
+    """What a pod without root gets: a user namespace, chroot, every capability dropped."""
+    import services.eval.sandbox as sandbox_module
+
+    monkeypatch.setattr(sandbox_module, "_PREFIX", sandbox_module.USERNS_PREFIX)
+    monkeypatch.setattr(sandbox_module.os, "geteuid", lambda: 1000)  # as if not root: no uid switch
+    escape_chroot = """
+def grader(m, t, tc, g, d):
+    import os
+    if g["content"] == "chroot":
+        os.mkdir("x")
+        os.chroot("x")
+        return 1.0
+    if g["content"] == "setuid":
+        os.setgroups([])  # needs CAP_SETGID, gone with the rest
+        return 1.0
+    if g["content"] == "ctypes":
+        import ctypes
+        return 1.0
+    return len(open("/etc/passwd").read()) and 1.0
+"""
+    async with Sandbox(escape_chroot, root=tmp_path) as box:
+        chroot, setuid, ctypes_row, passwd = await box.grade(
+            [row("chroot"), row("setuid"), row("ctypes"), row("x")]
+        )
+        network = await Sandbox(ESCAPES, root=tmp_path).__aenter__()
+        try:
+            (socket_row,) = await network.grade([row("raw_socket", listener)])
+        finally:
+            await network.close()
+    assert "PermissionError" in chroot.error and "PermissionError" in setuid.error
+    assert "ModuleNotFoundError" in ctypes_row.error and "FileNotFoundError" in passwd.error
+    assert socket_row.error

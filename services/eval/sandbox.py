@@ -3,7 +3,8 @@
 Isolation comes from the kernel, not from Python (see ``sandbox_worker``):
 
 - network: the worker starts under ``unshare --net`` (root) or ``unshare --user --map-root-user
-  --net`` (an unprivileged user with user namespaces), a network namespace with no interfaces;
+  --net --mount`` (an unprivileged user with user namespaces: root inside it, then every
+  capability dropped), a network namespace with no interfaces;
   where neither is permitted (a pod without CAP_SYS_ADMIN and without user namespaces) the
   sandbox refuses to run unless ``network="policy"`` says the platform isolates the network
   itself (a Kubernetes NetworkPolicy denying all egress of the eval pods);
@@ -81,13 +82,16 @@ def _works(command: list[str]) -> bool:
 
 
 _PREFIX: list[str] | None = None
+# Without root: a user namespace (root inside, nobody outside) with its own network and mounts
+# (a chroot needs a mount namespace owned by the user namespace); the worker drops every capability.
+USERNS_PREFIX = ["unshare", "--user", "--map-root-user", "--net", "--mount"]
 
 
 def network_prefix(network: Literal["namespace", "policy"] = "namespace") -> list[str]:
     """The command that puts the worker in an empty network namespace (probed once)."""
     global _PREFIX
     if _PREFIX is None:
-        candidates = [["unshare", "--net"], ["unshare", "--user", "--map-root-user", "--net"]]
+        candidates = [["unshare", "--net"], USERNS_PREFIX]
         _PREFIX = next((c for c in candidates if shutil.which("unshare") and _works(c)), [])
     if _PREFIX:
         return _PREFIX

@@ -62,6 +62,8 @@ def _on_alarm(signum: int, frame: object) -> None:
 def lock_down(scratch: str, uid: int, limits: dict[str, int]) -> None:
     for name in ALLOWED_MODULES:
         __import__(name)
+    if uid == 0:
+        __import__("ctypes")  # for drop_capabilities after the chroot, which hides the library
     # Before the chroot: /dev/null still exists. A grader's prints must not reach the protocol fd.
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 2)
@@ -71,13 +73,35 @@ def lock_down(scratch: str, uid: int, limits: dict[str, int]) -> None:
     if os.getuid() == 0 and uid > 0:
         os.setgroups([])
         os.setgid(uid)
-        os.setuid(uid)
+        os.setuid(uid)  # every capability goes with root
+    elif os.getuid() == 0:
+        drop_capabilities()  # root of a user namespace: keep the uid, lose the powers
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
     resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_seconds"], limits["cpu_seconds"] + 1))
     resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"], limits["memory_bytes"]))
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"], limits["file_bytes"]))
     resource.setrlimit(resource.RLIMIT_NOFILE, (limits["open_files"], limits["open_files"]))
+
+
+def drop_capabilities() -> None:
+    """Clear every capability (and forbid regaining any), so root inside a user namespace can
+    neither leave the chroot nor change ids. Python has no capset(2): ctypes calls it, and is then
+    dropped from ``sys.modules`` (it cannot be imported again: the chroot has no standard library)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_capbset_drop, linux_capability_version_3 = 38, 24, 0x20080522
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    for capability in range(64):
+        libc.prctl(pr_capbset_drop, capability, 0, 0, 0)  # fails past the last one: fine
+    header = (ctypes.c_uint32 * 2)(linux_capability_version_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2: all zero
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
+        del sys.modules[name]
 
 
 def _error(exc: BaseException) -> str:
