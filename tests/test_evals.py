@@ -462,3 +462,51 @@ async def test_a_cancelled_eval_stops_its_worker(make_project) -> None:  # type:
     finally:
         server.should_exit = True
         await task
+
+
+async def test_a_redelivered_batch_calls_no_model_twice(judged: Project, judge: FakeJudge, running) -> None:  # type: ignore[no-untyped-def]
+    """After a crash the unacknowledged batch comes again: the same events (the api keeps the first),
+    and every model call it already made is answered by the router's cache, not the upstream."""
+    from services.common.events import EvalEvaluator, EvalRequest, EvalRow
+    from services.common.secrets import internal_token
+    from services.eval.clients import RouterClient
+    from services.eval.service import EvalWorker
+
+    settings = running.settings
+    client = RouterClient(settings.resolved_router_grpc_url(), internal_token(settings))
+    worker = EvalWorker(client, settings)
+    rows = [
+        EvalRow(
+            entry_id=f"e{i}",
+            input={"messages": [{"role": "user", "content": f"redelivered {i} {time.monotonic_ns()}"}]},
+            expected={"role": "assistant", "content": str(i)},
+            output_keys={OTHER: f"k{i}"},
+        )
+        for i in range(4)
+    ]
+    request = EvalRequest(
+        request_id="ev_redelivery:0",
+        eval_id="ev_redelivery",
+        project_id=judged.id,
+        models=["original", OTHER],
+        evaluators=[EvalEvaluator(type="head_to_head", name="h2h", judge_model=JUDGE)],
+        rows=rows,
+    )
+    runs: list[list[EvalEvent]] = [[], []]
+    try:
+        before = len(judge.requests)
+        await worker.handle(request, lambda e: _collect(runs[0], e))
+        first_calls = len(judge.requests) - before
+        await worker.handle(request, lambda e: _collect(runs[1], e))
+        second_calls = len(judge.requests) - before - first_calls
+    finally:
+        await worker.close()
+        await client.close()
+    assert first_calls == 8 and second_calls == 0  # 4 generations + 4 judgements, then none
+    assert sorted(e.event_id for e in runs[0]) == sorted(e.event_id for e in runs[1])
+    first = {e.event_id: e.scores for e in runs[0]}
+    assert all(first[e.event_id] == e.scores for e in runs[1])
+
+
+async def _collect(into: list, event: EvalEvent) -> None:  # type: ignore[type-arg]
+    into.append(event)
