@@ -114,7 +114,7 @@ async def publish_model(running: RunningPlatform, project: Project, slug: str, *
     await running.platform.broker.publish(
         record.model_dump(mode="json"), CATALOG_TOPIC, key=record.key.encode()
     )
-    catalog = running.platform.state["chat"].router.catalog
+    catalog = running.platform.state["chat"].resolver.catalog
 
     def applied() -> bool:
         found = catalog.fine_tuned_model(project.id, slug)

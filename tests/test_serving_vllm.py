@@ -22,7 +22,7 @@ from services.common.events import CatalogRecord
 from services.common.kafka import free_port
 from services.common.settings import Settings
 from services.router.catalog import RouterCatalog
-from services.router.routing import Router
+from services.router.routing import ModelResolver
 from services.serving.adapter_fetcher import create_app as fetcher_app
 from services.serving.deploy import deploy_adapter, retire_adapter
 from services.serving.vllm import ServingError
@@ -223,7 +223,7 @@ def test_router_sends_fine_tuned_models_to_their_bases_vllm(tmp_path: Path) -> N
         data_dir=tmp_path, vllm_servers={BASE: "http://vllm-llama:8000"}, model_server_url="http://local:8091"
     )
     catalog = RouterCatalog(b"k" * 32)
-    router = Router(catalog, settings)
+    resolver = ModelResolver(catalog, settings)
     for slug, base in (("on-vllm", BASE), ("on-local", "distillery/tiny-chat")):
         catalog.apply(
             CatalogRecord(
@@ -239,13 +239,13 @@ def test_router_sends_fine_tuned_models_to_their_bases_vllm(tmp_path: Path) -> N
                 },
             )
         )
-    route = router.resolve("p1", "openpipe:on-vllm")
+    route = resolver.resolve("p1", "openpipe:on-vllm")
     assert (route.base_url, route.upstream_model) == (
         "http://vllm-llama:8000/v1",
         "fine_tunes/p1/on-vllm/adapter",
     )
-    assert router.resolve("p1", "openpipe:on-local").base_url == "http://local:8091/v1"
-    base = router.resolve("p1", f"openpipe:base/{BASE}")
+    assert resolver.resolve("p1", "openpipe:on-local").base_url == "http://local:8091/v1"
+    base = resolver.resolve("p1", f"openpipe:base/{BASE}")
     assert (base.base_url, base.upstream_model) == ("http://vllm-llama:8000/v1", BASE)
 
 

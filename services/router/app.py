@@ -14,7 +14,7 @@ from services.router.catalog import RouterCatalog
 from services.router.criteria import setup_best_of_n
 from services.router.embeddings import setup_embeddings
 from services.router.fastpath import ChatCompletionsEndpoint
-from services.router.routing import Router
+from services.router.routing import ModelResolver
 from services.router.service import ChatService
 from services.router.upstream import RetryPolicy, Upstream
 from services.router.views import router
@@ -39,7 +39,7 @@ async def setup(platform: Platform) -> None:
     cache = make_cache(settings.redis_url, settings.cache_ttl_seconds, settings.cache_max_entries)
     shipper = LogShipper(platform.broker)
     chat = ChatService(
-        router=Router(catalog, settings),
+        resolver=ModelResolver(catalog, settings),
         upstream=upstream,
         cache=cache,
         shipper=shipper,

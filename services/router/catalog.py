@@ -51,7 +51,7 @@ class Deployment:
 
 @dataclass(frozen=True)
 class FineTunedModel:
-    """A Model from the fine-tuning api: served once DEPLOYED (see ``routing.Router``)."""
+    """A Model from the fine-tuning api: served once DEPLOYED (see ``routing.ModelResolver``)."""
 
     project_id: str
     slug: str

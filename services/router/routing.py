@@ -59,7 +59,9 @@ def moa_base(model: str) -> str | None:
     return None
 
 
-class Router:
+class ModelResolver:
+    """Turns a request's model name into a ``Route``: provider, upstream model, credentials."""
+
     def __init__(self, catalog: RouterCatalog, settings: Settings) -> None:
         self.catalog = catalog
         self.settings = settings

@@ -23,12 +23,12 @@ from services.router.providers.anthropic import AnthropicProvider
 from services.router.providers.base import Provider
 from services.router.providers.gemini import GeminiProvider
 from services.router.providers.openai import OpenAIProvider
-from services.router.routing import Route, Router, moa_base
+from services.router.routing import ModelResolver, Route, moa_base
 from services.router.streaming import DONE, completion_to_chunks, merge_chunks, sse, without_usage
 from services.router.upstream import Upstream
 
 log = logging.getLogger(__name__)
-# Router misses that a catalog record still on its way over catalog.v1 would turn into a route.
+# Resolver misses that a catalog record still on its way over catalog.v1 would turn into a route.
 CATALOG_MISSES = ("model_not_found", "provider_key_missing")
 
 MOA_DRAFTS = 3
@@ -120,13 +120,13 @@ class ChatService:
     def __init__(
         self,
         *,
-        router: Router,
+        resolver: ModelResolver,
         upstream: Upstream,
         cache: ResponseCache,
         shipper: LogShipper | None,
         max_concurrency: int,
     ) -> None:
-        self.router = router
+        self.resolver = resolver
         self.upstream = upstream
         self.cache = cache
         self.shipper = shipper
@@ -162,11 +162,11 @@ class ChatService:
         so a provider or deployment written through another api process a moment ago is found
         (read your writes across processes; within one process writes are applied at once)."""
         try:
-            return self.router.resolve(project_id, model)
+            return self.resolver.resolve(project_id, model)
         except APIError as exc:
             if exc.code not in CATALOG_MISSES or self.catalog_sync is None or not await self.catalog_sync():
                 raise
-        return self.router.resolve(project_id, model)
+        return self.resolver.resolve(project_id, model)
 
     # --- one completion ------------------------------------------------------------------------
 
