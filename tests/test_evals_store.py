@@ -1,0 +1,72 @@
+"""Applying eval events on both catalog databases (SQLite and Postgres): bulk, once per event."""
+
+from __future__ import annotations
+
+from services.api.evals.models import Eval, EvalResult, EvalRowOutput
+from services.api.evals.service import apply_events, now
+from services.api.projects import service as projects
+from services.common.db import make_engine, make_sessionmaker, migrate
+from services.common.events import EvalEvent, EvalOutput, EvalScore
+
+
+def row_event(eval_id: str, project_id: str, entry: str) -> EvalEvent:
+    return EvalEvent(
+        event_id=f"{eval_id}:{entry}",
+        eval_id=eval_id,
+        project_id=project_id,
+        type="row",
+        entry_id=entry,
+        outputs=[
+            EvalOutput(model="m", output_key=f"key-{entry}", output={"role": "assistant", "content": entry})
+        ],
+        scores=[
+            EvalScore(evaluator="exact", model="m", score=1.0),
+            EvalScore(evaluator="h2h", model="m", opponent="original", winner="m", score=1.0, judge_calls=1),
+        ],
+    )
+
+
+async def test_events_apply_once_in_bulk(database_url: str) -> None:
+    await migrate(database_url)
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        async with sessions.begin() as session:
+            project = await projects.create_project(session=session, name="evals")
+            moment = now()
+            session.add(
+                Eval(
+                    id="eval_store",
+                    project_id=project.id,
+                    dataset_id="ds",
+                    name="e",
+                    split="TEST",
+                    models=["m", "original"],
+                    evaluators=[],
+                    status="queued",
+                    progress_done=0,
+                    progress_total=3,
+                    estimated_cost={},
+                    created_at=moment,
+                    updated_at=moment,
+                )
+            )
+        first = [row_event("eval_store", project.id, e) for e in ("a", "b")]
+        async with sessions.begin() as session:
+            assert await apply_events(session=session, events=first + first[:1]) == 2
+        async with sessions.begin() as session:  # a re-delivery and one new row
+            applied = await apply_events(
+                session=session, events=[*first, row_event("eval_store", project.id, "c")]
+            )
+            assert applied == 1
+        async with sessions() as session:
+            record = await session.get(Eval, "eval_store")
+            assert record.progress_done == 3 and record.status == "succeeded" and record.finished_at
+            results = (await session.execute(EvalResult.__table__.select())).all()
+            outputs = (await session.execute(EvalRowOutput.__table__.select())).all()
+            assert len(results) == 6 and len(outputs) == 3
+        async with sessions.begin() as session:  # a finished eval takes nothing more
+            assert await apply_events(session=session, events=[row_event("eval_store", project.id, "d")]) == 0
+            assert await apply_events(session=session, events=[row_event("eval_nope", project.id, "a")]) == 0
+    finally:
+        await engine.dispose()
