@@ -244,5 +244,28 @@ def jobs_watch(
     raise typer.Exit(0 if job["status"] == "succeeded" else 1)
 
 
+evals_app = typer.Typer(help="Follow evaluations.", no_args_is_help=True)
+app.add_typer(evals_app, name="evals")
+
+
+@evals_app.command("watch")
+def evals_watch(
+    eval_id: str = typer.Argument(..., help="An eval id (eval_...)."),
+    base_url: str = BASE_URL,
+    api_key: str = API_KEY,
+) -> None:
+    """Show an eval's progress (rows done/total) until it finishes, then its sorted results."""
+    from services.api.evals import progress as eval_progress
+
+    with _api(base_url, api_key) as http:
+        try:
+            state = eval_progress.watch_eval(http, eval_id, console=console)
+            console.print(eval_progress.results_table(http, eval_id))
+        except RuntimeError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from None
+    raise typer.Exit(0 if state["status"] == "succeeded" else 1)
+
+
 if __name__ == "__main__":
     app()

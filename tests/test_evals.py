@@ -510,3 +510,19 @@ async def test_a_redelivered_batch_calls_no_model_twice(judged: Project, judge: 
 
 async def _collect(into: list, event: EvalEvent) -> None:  # type: ignore[type-arg]
     into.append(event)
+
+
+async def test_cli_watches_an_eval_and_prints_results(judged: Project) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    async with judged.client() as http:
+        dataset_id = await make_dataset(http, count=2)
+        body = {**eval_body(dataset_id), "evaluators": eval_body(dataset_id)["evaluators"][:1]}
+        started = (await http.post("/evals", json=body)).json()
+    arguments = ["evals", "watch", started["id"], "--base-url", judged.base_url, "--api-key", judged.key]
+    result = await asyncio.to_thread(CliRunner().invoke, app, arguments, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "student vs base (succeeded)" in result.output and "2/2" in result.output
+    assert "exact" in result.output and "1.000" in result.output
