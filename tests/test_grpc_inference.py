@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from services.common.grpc.distillery.v1 import inference_pb2
 from services.common.kafka import free_port
-from services.router import grpc as inference
+from services.router import inference_rpc as inference
 from tests.conftest import Project, RunningPlatform, wait_for_count, wait_until
 from tests.fake_upstream import ANTHROPIC_KEY, GEMINI_KEY, OPENAI_KEY, FakeUpstream
 from tests.helpers import MESSAGES, Stub, auth, trailing

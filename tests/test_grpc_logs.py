@@ -15,7 +15,7 @@ from services.common.clickhouse import ClickHouse
 from services.common.grpc import generate as stubs
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
 from services.common.kafka import free_port
-from services.ingest import grpc as log_query
+from services.ingest import log_query
 from tests.conftest import Project, RunningPlatform, wait_for_count
 
 

@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from services.common.events import LogEvent
 from services.ingest import store
+from services.ingest.log_rows import WireLogEvent, decode_log_event, event_to_row, wire_event
 from services.ingest.models import AnthropicReportRequest, ReportRequest
-from services.ingest.rows import WireLogEvent, decode_log_event, event_to_row, wire_event
 from services.ingest.service import report_to_event
 from services.sample_traffic import ANTHROPIC_ROUTE, sample_reports
 

@@ -217,7 +217,7 @@ async def _group_committed(kafka_url: str, group: str, topic: str, n: int) -> bo
 
 
 def _row(event: dict) -> dict:
-    from services.ingest.rows import decode_log_event, event_to_row
+    from services.ingest.log_rows import decode_log_event, event_to_row
 
     return dict(zip(store.COLUMNS, event_to_row(decode_log_event(orjson.dumps(event)), 0), strict=True))
 

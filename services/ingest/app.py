@@ -9,8 +9,7 @@ from services.common.clickhouse import ClickHouse
 from services.common.http import API_PREFIX, BodySizeLimit
 from services.common.kafka import make_producer
 from services.common.secrets import internal_token
-from services.ingest import grpc as log_query
-from services.ingest import store
+from services.ingest import log_query, store
 from services.ingest.consumers import KnownProjects, register_log_writer
 from services.ingest.fastpath import ReportEndpoint
 from services.ingest.views import REPORT_MODELS, IngestDeps, router

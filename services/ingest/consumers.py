@@ -28,7 +28,7 @@ from services.common.clickhouse import ClickHouse
 from services.common.events import LOGS_TOPIC, DeadLetter, dlq_topic
 from services.common.settings import Settings
 from services.ingest import store
-from services.ingest.rows import WireLogEvent, decode_log_event, event_to_row
+from services.ingest.log_rows import WireLogEvent, decode_log_event, event_to_row
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent
 from services.common.http import API_PREFIX, BodySizeLimit
 from services.common.secrets import internal_token
-from services.judge import grpc as judge_grpc
+from services.judge import judge_rpc
 from services.judge.client import router_caller
 from services.judge.criteria import CriteriaCatalog, catalog_sync
 from services.judge.service import Judge, JudgementRecorder
@@ -68,7 +68,7 @@ async def setup(platform: Platform) -> None:
     )
     platform.grpc_servicers.append(
         partial(
-            judge_grpc.add_to_server,
+            judge_rpc.add_to_server,
             catalog=catalog,
             judge=judge,
             keyring=platform.keyring,

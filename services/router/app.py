@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 
 from services.common.http import API_PREFIX, BodySizeLimit
 from services.common.secrets import internal_token, load_or_create_key
-from services.router import grpc as inference
+from services.router import inference_rpc
 from services.router.cache import make_cache
-from services.router.capture import LogShipper
 from services.router.catalog import RouterCatalog
 from services.router.criteria import setup_best_of_n
 from services.router.embeddings import setup_embeddings
 from services.router.fastpath import ChatCompletionsEndpoint
+from services.router.log_shipper import LogShipper
 from services.router.routing import ModelResolver
 from services.router.service import ChatService
 from services.router.upstream import RetryPolicy, Upstream
@@ -55,7 +55,7 @@ async def setup(platform: Platform) -> None:
     )
     platform.grpc_servicers.append(
         partial(
-            inference.add_to_server,
+            inference_rpc.add_to_server,
             chat=chat,
             keyring=platform.keyring,
             internal_token=internal_token(settings),

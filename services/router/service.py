@@ -17,7 +17,7 @@ from services.common.events import LogEvent
 from services.common.log_fields import merge_metadata, new_log_id
 from services.common.pruning import apply_pruning_rules
 from services.router.cache import ResponseCache, cache_key
-from services.router.capture import LogShipper
+from services.router.log_shipper import LogShipper
 from services.router.protocol import Fallback, error_chunk, upstream_body
 from services.router.providers.anthropic import AnthropicProvider
 from services.router.providers.base import Provider
