@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from services.api.dataset_files.views import UPLOAD_PATH
 from services.api.dataset_files.views import router as dataset_files_router
 from services.api.criteria.wiring import setup_criteria
+from services.api.datasets import jobs as dataset_jobs
 from services.api.datasets.views import router as datasets_router
 from services.api.deployments.wiring import setup_deployments
 from services.api.evals.wiring import setup_evals
@@ -86,6 +87,9 @@ async def setup(platform: Platform) -> None:
                 session=session, api_key=settings.bootstrap_api_key.get_secret_value()
             ):
                 log.info("created the bootstrap project")
+    async with sessions.begin() as session:  # before this process starts jobs of its own
+        if failed := await dataset_jobs.fail_interrupted_jobs(session=session):
+            log.warning("marked %d interrupted dataset job(s) failed", failed)
 
     async def publish_all_keys() -> None:
         # Tansu keeps nothing across restarts, and a new service needs every key: republish.
