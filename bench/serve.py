@@ -241,7 +241,7 @@ def plain_generate(base_dir: Path, adapter_dir: Path, prompts: list[str], max_to
 
 
 def router_added_latency(server_url: str, samples: int) -> tuple[float, float, float, float]:
-    """p50/p99 ms of 1-token answers straight from the server and through the router."""
+    """Added ms (p50, p99 of routed minus direct, paired) and the direct and routed p50 of 1-token answers."""
     sys.path.insert(0, str(ROOT / "bench"))
     from platform_stack import PlatformStack
 
@@ -273,12 +273,9 @@ def router_added_latency(server_url: str, samples: int) -> tuple[float, float, f
                 )
                 r.raise_for_status()
                 routed.append((time.perf_counter() - t) * 1000)
-    return (
-        percentile(direct, 50),
-        percentile(direct, 99),
-        percentile(routed, 50),
-        percentile(routed, 99),
-    )
+    # Paired: each routed call right after a direct one, so the model's own time mostly cancels.
+    added = [r - d for d, r in zip(direct, routed, strict=True)]
+    return percentile(added, 50), percentile(added, 99), percentile(direct, 50), percentile(routed, 50)
 
 
 def main() -> None:
@@ -289,6 +286,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--router", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--router-samples", type=int, default=40)
+    parser.add_argument("--router-only", action="store_true", help="only the router's added latency")
     parser.add_argument(
         "--store-dir", type=Path, default=ROOT / ".distillery" / "models", help="model store cache (kept)"
     )
@@ -304,7 +302,7 @@ def main() -> None:
     try:
         asyncio.run(run_concurrency(server.url, 2, prompts[:2], 4))  # warm-up: loads the adapter
         served = {}
-        for concurrency in (1, 4, 8):
+        for concurrency in () if args.router_only else (1, 4, 8):
             served[concurrency] = result = asyncio.run(
                 run_concurrency(server.url, concurrency, prompts, args.max_tokens)
             )
@@ -314,6 +312,12 @@ def main() -> None:
                 f"p99 {result['ttft_p99']:.0f} ms",
                 flush=True,
             )
+        if args.router_only:
+            a50, a99, d50, r50 = router_added_latency(server.url, args.router_samples)
+            print(
+                f"router added latency (paired): p50 {a50:.1f} ms, p99 {a99:.1f} ms (direct p50 {d50:.1f} ms)"
+            )
+            return
         plain = plain_generate(base_dir, adapter_dir, prompts, args.max_tokens)
         print(
             f"plain generate (one at a time): {plain['tok_s']:.1f} output tok/s ({plain['tokens']} tokens in "
@@ -321,11 +325,10 @@ def main() -> None:
             flush=True,
         )
         if args.router:
-            d50, d99, r50, r99 = router_added_latency(server.url, args.router_samples)
+            a50, a99, d50, r50 = router_added_latency(server.url, args.router_samples)
             print(
-                f"router added latency (1-token answers, sequential): p50 {r50 - d50:.1f} ms, "
-                f"p99 {r99 - d99:.1f} ms (direct p50 {d50:.1f} / p99 {d99:.1f} ms, "
-                f"routed p50 {r50:.1f} / p99 {r99:.1f} ms)",
+                f"router added latency (1-token answers, sequential, paired): p50 {a50:.1f} ms, "
+                f"p99 {a99:.1f} ms (direct p50 {d50:.1f} ms, routed p50 {r50:.1f} ms)",
                 flush=True,
             )
     finally:
@@ -334,7 +337,7 @@ def main() -> None:
     c8 = served[8]
     print(
         f"serve c=8 vs plain generate: {c8['tok_s'] / plain['tok_s']:.1f}x "
-        f"({c8['tok_s']:.0f} tok/s vs {plain['tok_s']:.0f} tok/s, ttft p50 {c8['ttft_p50']:.0f} ms)"
+        f"({c8['tok_s']:.1f} tok/s vs {plain['tok_s']:.1f} tok/s, ttft p50 {c8['ttft_p50']:.0f} ms)"
     )
 
 
