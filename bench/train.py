@@ -98,13 +98,19 @@ def run_ours(base_dir: Path, data: list[dict], epochs: int, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from services.trainer.data import tokenize_sft
-    from services.trainer.sft import Progress, lora_config, sft_trainer, training_arguments
+    from services.trainer.sft import Progress, lora_config, sft_trainer, training_arguments, use_bf16
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), lora_config())
     tokenized = [tokenize_sft(tokenizer, row, 2048) for row in data]
     args = training_arguments(
-        out, learning_rate=LEARNING_RATE, epochs=epochs, batch_size=BATCH, save_steps=10**9, seed=0
+        out,
+        learning_rate=LEARNING_RATE,
+        epochs=epochs,
+        batch_size=BATCH,
+        save_steps=10**9,
+        seed=0,
+        bf16=use_bf16(model),
     )
     args["save_strategy"] = "no"
     progress = Progress(

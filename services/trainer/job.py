@@ -256,6 +256,7 @@ class Run:
             sft_trainer,
             token_budget,
             training_arguments,
+            use_bf16,
         )
 
         done = self.work_dir / "sft" / "final"
@@ -292,6 +293,7 @@ class Run:
             save_steps=max(1, math.ceil(steps / CHECKPOINTS_PER_PHASE)),
             seed=seed,
             max_steps=self.max_steps or -1,
+            bf16=use_bf16(model),
         )
         progress = self._progress("sft", epochs, batch)
         trainer = sft_trainer(model, tokenizer, Dataset.from_list(tokenized), args, progress)
@@ -315,6 +317,7 @@ class Run:
             latest_checkpoint,
             token_budget,
             training_arguments,
+            use_bf16,
         )
 
         if not isinstance(model, PeftModel):
@@ -343,6 +346,7 @@ class Run:
             save_steps=max(1, math.ceil(steps / CHECKPOINTS_PER_PHASE)),
             seed=seed,
             max_steps=self.max_steps or -1,
+            bf16=use_bf16(model),
             beta=self.hyper.training_beta,
             max_length=1024,
         )
