@@ -526,3 +526,38 @@ async def test_cli_watches_an_eval_and_prints_results(judged: Project) -> None:
     assert result.exit_code == 0, result.output
     assert "student vs base (succeeded)" in result.output and "2/2" in result.output
     assert "exact" in result.output and "1.000" in result.output
+
+
+async def test_estimate_prices_the_calls_it_can(project: Project) -> None:
+    from services.api.datasets.rows import estimate_tokens
+
+    async with project.client() as http:
+        created = await http.post(
+            "/external-providers",
+            json={
+                "slug": "priced",
+                "type": "openai",
+                "baseUrl": "http://127.0.0.1:9/v1",
+                "models": [{"slug": "gen", "inputPricePerMillion": 2.0, "outputPricePerMillion": 4.0}],
+            },
+        )
+        assert created.status_code == 201, created.text
+        dataset_id = await make_dataset(http, count=3)
+        body = {
+            "name": "priced",
+            "datasetId": dataset_id,
+            "models": ["original", "openpipe:priced/gen"],
+            "evaluators": [{"type": "code", "name": "exact", "source": EXACT_MATCH}],
+        }
+        priced = (await http.post("/evals/estimate", json=body)).json()["estimatedCost"]
+        unpriced = (
+            await http.post("/evals/estimate", json={**body, "models": ["original", "openpipe:priced/other"]})
+        ).json()["estimatedCost"]
+    expected = 0.0
+    for i in range(3):
+        row = entry(i)
+        tokens_in = estimate_tokens({"messages": row["messages"][:-1]})
+        tokens_out = estimate_tokens(row["messages"][-1])
+        expected += (tokens_in * 2.0 + tokens_out * 4.0) / 1_000_000
+    assert priced["usd"] == pytest.approx(expected, rel=0.05) and priced["usdCoversEveryCall"] is True
+    assert unpriced["usd"] is None and unpriced["usdCoversEveryCall"] is False

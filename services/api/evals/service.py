@@ -24,6 +24,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.datasets.models import DatasetEntry
+from services.api.datasets.rows import estimate_tokens
 from services.api.datasets.service import get_dataset, new_id
 from services.api.evals.models import Eval, EvalAppliedEvent, EvalOutputRecord, EvalResult, EvalRowOutput
 from services.api.evals.schemas import (
@@ -38,6 +39,7 @@ from services.api.evals.schemas import (
     Progress,
     evaluator_name,
 )
+from services.api.providers.models import Deployment, ExternalModel, ExternalProvider
 from services.common.errors import APIError, bad_request, not_found
 from services.common.events import (
     CATALOG_TOPIC,
@@ -174,6 +176,85 @@ async def _known_outputs(session: AsyncSession, project_id: str, keys: list[str]
     return known
 
 
+JUDGE_PROMPT_TOKENS = 150  # instructions around the row in a judge's prompt
+JUDGE_ANSWER_TOKENS = 60
+
+
+def _model_graders(evaluator: GraderEvaluator) -> list[Any]:
+    graders = [evaluator.grader, *getattr(evaluator.grader, "graders", {}).values()]
+    return [g for g in graders if g.type in MODEL_GRADERS]
+
+
+def _called_models(body: EvalCreate) -> set[str]:
+    called = {m for m in body.models if m != ORIGINAL}
+    for evaluator in body.evaluators:
+        if isinstance(evaluator, HeadToHeadEvaluator):
+            called.add(evaluator.judge_model)
+        elif isinstance(evaluator, GraderEvaluator):
+            called |= {g.model for g in _model_graders(evaluator)}
+    return called
+
+
+async def _prices(session: AsyncSession, project_id: str, models: set[str]) -> dict[str, tuple[float, float]]:
+    """USD per million input/output tokens of the models whose price the project configured
+    (external providers' models and fine-tuned deployments); others are unknown here."""
+    prices: dict[str, tuple[float, float]] = {}
+    for model in models:
+        prefix, _, name = model.partition(":")
+        if prefix != "openpipe" or not name:
+            continue
+        provider, slash, external = name.partition("/")
+        if slash:
+            query = (
+                select(ExternalModel.input_price_per_million, ExternalModel.output_price_per_million)
+                .join(ExternalProvider, ExternalProvider.id == ExternalModel.provider_id)
+                .where(
+                    ExternalProvider.project_id == project_id,
+                    ExternalProvider.slug == provider,
+                    ExternalModel.slug == external,
+                )
+            )
+        else:
+            query = select(Deployment.input_price_per_million, Deployment.output_price_per_million).where(
+                Deployment.project_id == project_id, Deployment.slug == name
+            )
+        row = (await session.execute(query)).first()
+        if row is not None and row[0] is not None and row[1] is not None:
+            prices[model] = (row[0], row[1])
+    return prices
+
+
+def _usd(body: EvalCreate, rows: list[EvalRow], prices: dict[str, tuple[float, float]]) -> tuple[float, bool]:
+    """The priced part of the run (tokens estimated at ~4 characters each) and whether every
+    model call in it has a known price."""
+    total, complete = 0.0, True
+
+    def add(model: str, tokens_in: int, tokens_out: int, calls: int = 1) -> None:
+        nonlocal total, complete
+        if model not in prices:
+            complete = False
+            return
+        price_in, price_out = prices[model]
+        total += calls * (tokens_in * price_in + tokens_out * price_out) / 1_000_000
+
+    pairs = math.comb(len(body.models), 2)
+    for row in rows:
+        tokens_in, tokens_out = estimate_tokens(row.input), estimate_tokens(row.expected)
+        for model in body.models:
+            if model != ORIGINAL and model not in row.known_outputs:
+                add(model, tokens_in, tokens_out)
+        judged_in = tokens_in + tokens_out + JUDGE_PROMPT_TOKENS
+        for evaluator in body.evaluators:
+            if isinstance(evaluator, HeadToHeadEvaluator):
+                add(evaluator.judge_model, judged_in + tokens_out, JUDGE_ANSWER_TOKENS, pairs)
+            elif isinstance(evaluator, CriterionEvaluator):
+                complete = False  # the criterion's judge model and prompt live with the judge
+            elif isinstance(evaluator, GraderEvaluator):
+                for grader in _model_graders(evaluator):
+                    add(grader.model, judged_in, JUDGE_ANSWER_TOKENS, len(body.models))
+    return total, complete
+
+
 def _estimate(body: EvalCreate, rows: list[EvalRow]) -> dict[str, Any]:
     generated = [m for m in body.models if m != ORIGINAL]
     generation_calls = sum(1 for r in rows for m in generated if m not in r.known_outputs)
@@ -230,7 +311,12 @@ async def plan_eval(
     )
     for row in rows:
         row.known_outputs = {m: known[k] for m, k in row.output_keys.items() if k in known}
-    return rows, _estimate(body, rows)
+    estimate = _estimate(body, rows)
+    prices = await _prices(session, project_id, _called_models(body))
+    usd, complete = _usd(body, rows, prices)
+    estimate["usd"] = round(usd, 6) if prices else None
+    estimate["usdCoversEveryCall"] = complete and bool(prices)
+    return rows, estimate
 
 
 async def create_eval(
