@@ -20,6 +20,7 @@ from services.api.evals.models import Eval, EvalAppliedEvent, EvalOutputRecord, 
 from services.api.fine_tuning.models import FineTunedModel, JobCheckpoint, JobEvent, TrainingFile, TrainingJob
 from services.api.projects.models import ApiKey, Project
 from services.api.providers.models import Deployment, ExternalModel, ExternalProvider, ProviderKeys
+from services.api.relabel.models import RelabelOutcome
 
 __all__ = [
     "Eval",
@@ -50,4 +51,5 @@ __all__ = [
     "PruningRule",
     "ProviderKeys",
     "Project",
+    "RelabelOutcome",
 ]
