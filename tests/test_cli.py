@@ -138,7 +138,10 @@ def test_demo_runs_the_loop_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
     result = subprocess.run(
         [sys.executable, "-m", "services.cli", "demo", "--logs", "300", "--data-dir", str(tmp_path / "demo")],
-        env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=300,
+        env={**env, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     captured = re.search(r"(\d+) calls captured in", result.stdout)

@@ -223,7 +223,7 @@ async def test_entries_through_the_sdk_report_bad_rows_by_index(project: Project
 
         # the same rows again: all duplicates, nothing created, the same errors
         again = await add(c, dataset.id, [r.dict() if hasattr(r, "dict") else r for r in rows])
-        assert again["entries_created"] == 0
+        assert again["entries_created"] == 0 and again["duplicates"] == 4  # the 3 entries and row 5
         assert [e["entry_index"] for e in again["errors"]["data"]] == [1, 2, 3]
         body = (await c.get(f"/datasets/{dataset.id}")).json()
         assert body["dataset_entry_count"] == 3 and body["preference_entry_count"] == 1
@@ -232,6 +232,7 @@ async def test_entries_through_the_sdk_report_bad_rows_by_index(project: Project
         assert empty == {
             "object": "dataset.entries.creation",
             "entries_created": 0,
+            "duplicates": 0,
             "errors": {"object": "list", "data": []},
         }
 
@@ -715,8 +716,6 @@ async def test_unstable_routes_through_the_sdk(project: Project) -> None:
 
 
 # --- both databases --------------------------------------------------------------------------
-
-
 
 
 async def test_dataset_service_on_both_databases(database_url: str) -> None:

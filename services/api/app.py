@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from services.api.criteria.wiring import setup_criteria
 from services.api.dataset_files.views import UPLOAD_PATH
 from services.api.dataset_files.views import router as dataset_files_router
-from services.api.criteria.wiring import setup_criteria
 from services.api.datasets import jobs as dataset_jobs
 from services.api.datasets.views import router as datasets_router
 from services.api.deployments.wiring import setup_deployments

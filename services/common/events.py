@@ -223,7 +223,8 @@ class JudgementEvent(BaseModel):
 
 EVAL_REQUESTS_TOPIC = "eval.requests.v1"
 EVAL_EVENTS_TOPIC = "eval.events.v1"
-EVAL_KIND = "eval"  # catalog.v1 record: id = eval id, data = {"status"}; a cancelled/deleted eval's work stops
+# catalog.v1 record: id = eval id, data = {"status"}; a cancelled/deleted eval's work stops
+EVAL_KIND = "eval"
 
 
 class EvalEvaluator(BaseModel):
