@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.api.fine_tuning import service as fine_tuning
 from services.api.fine_tuning.models import TrainingJob
 from services.common.blobstore import BlobStore
+from services.common.catalog import CatalogReader
 from services.common.clock import now
 from services.common.events import CatalogRecord
 from services.common.settings import Settings
@@ -41,8 +42,10 @@ class Deployer:
         broker: KafkaBroker,
         blobs: BlobStore,
         settings: Settings,
+        catalog: CatalogReader | None = None,
         unreachable_retry_seconds: float = 600.0,
     ) -> None:
+        self.catalog = catalog  # this process's catalog view: handed the new record (read your writes)
         self.sessions = sessions
         self.broker = broker
         self.blobs = blobs
@@ -130,11 +133,13 @@ class Deployer:
             if job is not None:
                 message = error or f"Model {slug!r} deployed: its adapter answered a probe request."
                 fine_tuning.add_event(session, job, message, level="error" if error else "info")
+            records = [fine_tuning.model_record(model, job)]
             await fine_tuning.publish_records(
-                broker=self.broker,
-                records=[fine_tuning.model_record(model, job)],
-                timeout=self.settings.publish_timeout_seconds,
+                broker=self.broker, records=records, timeout=self.settings.publish_timeout_seconds
             )
+        if self.catalog is not None:
+            for record in records:
+                self.catalog.apply(record)
         log.info("model %s/%s is %s", project_id, slug, "ERROR: " + error if error else "DEPLOYED")
 
     async def _retire(self, data: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ def setup_deployments(platform: Platform) -> None:
         broker=platform.broker,
         blobs=platform.blobs,
         settings=platform.settings,
+        catalog=platform.catalog,
     )
     platform.state["deployer"] = deployer
     platform.catalog.handlers.append(deployer.apply)
