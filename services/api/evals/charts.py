@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: render to bytes
-
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def render_chart(name: str, table: list[dict[str, Any]], matrices: list[dict[str, Any]]) -> bytes:
+    # matplotlib costs ~1 s of start-up; only the chart route pays it.
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to bytes
+    import matplotlib.pyplot as plt
+
     evaluators = list(dict.fromkeys(row["evaluator"] for row in table))
     panels = len(evaluators) + len(matrices)
     figure, axes = plt.subplots(1, max(panels, 1), figsize=(5 * max(panels, 1), 4), squeeze=False)
