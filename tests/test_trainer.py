@@ -227,6 +227,8 @@ async def test_sft_run_uploads_adapter_checkpoints_and_loss_curve_to_s3(
     assert (await blobs.get_bytes(f"{job.output_prefix}/loss_curve.png")).startswith(b"\x89PNG")
     config = json.loads(await blobs.get_bytes(f"{job.output_prefix}/adapter/adapter_config.json"))
     assert config["base_model_name_or_path"] == TINY_CHAT and config["peft_type"] == "LORA"
+    local = tmp_path / "trainer" / "jobs" / job.job_id
+    assert (local / "events.jsonl").exists() and not (local / "sft").exists()  # local checkpoints dropped
 
 
 @pytest.mark.slow

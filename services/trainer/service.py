@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -100,6 +101,11 @@ class JobFolder:
         except FileNotFoundError:
             return None
 
+    def drop_checkpoints(self) -> None:
+        """Remove the run's local training folders (checkpoints with optimizer state are large)."""
+        for name in ("sft", "dpo", "final", "parent_adapter"):
+            shutil.rmtree(self.path / name, ignore_errors=True)
+
     def last_status(self) -> str | None:
         statuses = [e["status"] for e in read_events(self.path / EVENTS_FILE) if e.get("status")]
         return statuses[-1] if statuses else None
@@ -167,7 +173,7 @@ class LocalTrainer:
             job = self.folder(job_id)
             status = job.last_status()
             if status in TERMINAL or status == "paused":
-                job.save_state(status=status)
+                await self._settle(job, status)
                 continue
             # A deliberate stop is not a failed attempt: the job is simply queued again.
             job.save_state(status="queued")
@@ -292,14 +298,21 @@ class LocalTrainer:
             await self._crashed(job, f"the training process exited with code {process.returncode}")
             return
         control = job.control()
-        job.set_control(None)
-        job.save_state(status=status)
+        await self._settle(job, status)
         if status != "paused":
             return
         if control == "cancel":  # asked while the run was already pausing
             await self._cancel(job, status)
         elif job.state().get("resume_pending"):  # asked while the run was already pausing
             await self._resume(job, status)
+
+    async def _settle(self, job: JobFolder, status: str) -> None:
+        """Record the outcome a run reported; a finished run's local checkpoints go (the adapter is
+        in the blob store), a failed one's stay for inspection."""
+        job.set_control(None)
+        job.save_state(status=status)
+        if status in ("succeeded", "cancelled"):
+            await asyncio.to_thread(job.drop_checkpoints)
 
     async def _crashed(self, job: JobFolder, why: str) -> None:
         """A run ended without reporting an outcome: resume it from its checkpoint, or fail clearly."""
