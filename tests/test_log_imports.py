@@ -590,7 +590,7 @@ async def test_bulk_writer_round_trips_on_sqlite_and_postgres(database_url: str)
                 openai_response_json=orjson.dumps(response).decode(),
             )
         batch.logs.add(id="log-bad", status="success", openai_request_json="{", openai_response_json="{}")
-        bulk, stamp = await imports._timestamp_value(sessions)
+        stamp = await imports._timestamp_value(sessions)
         converted = imports.convert_batch(batch.SerializeToString(), "ds_bulk", stamp)
         assert (converted.read, converted.failed_calls, len(converted.rows)) == (1701, 170, 1530)
         assert converted.errors == [{"log_id": "log-bad", "message": "the logged payload is not valid JSON"}]
@@ -600,7 +600,6 @@ async def test_bulk_writer_round_trips_on_sqlite_and_postgres(database_url: str)
                 sessions=sessions,
                 job_id=job.id,
                 dataset_id="ds_bulk",
-                bulk=bulk,
                 batch=converted,
                 tally=tally,
             )

@@ -231,6 +231,9 @@ class EntryCreationErrors(BaseModel):
 class EntriesCreated(BaseModel):
     object: Literal["dataset.entries.creation"] = "dataset.entries.creation"
     entries_created: int
+    duplicates: int = Field(
+        default=0, description="valid entries skipped: the dataset already held the same content"
+    )
     errors: EntryCreationErrors
 
 

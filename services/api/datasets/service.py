@@ -1,9 +1,13 @@
 """Datasets and entries: plain keyword-only functions over a session.
 
-``add_entries`` is the one way rows become entries (API, upload, log import): it
-validates each row on its own, reports bad rows by index, skips duplicates, and inserts
-the rest in bulk. ``replace_output`` is the one way an entry's output changes (human edit,
-relabel): the replaced output is kept as a ``DatasetEntryRevision``.
+``insert_entries`` is the one way entries are written (API adds, uploads, log imports), with one
+duplicate rule: a row is skipped when the dataset already holds the same thing, which for a row
+made from a request log is that log (``source_log_id``: a log imported twice) and for any other
+row its content (input and output, ``content_hash``: the same example sent twice); every writer
+reports the skipped rows as duplicates. ``add_entries`` validates rows on their
+own, reports bad rows by index and inserts the valid ones through it. ``replace_output`` is the
+one way an entry's output changes (human edit, relabel): the replaced output is kept as a
+``DatasetEntryRevision``.
 
 Every function that takes a ``project_id`` scopes to it: another project's ids are not found.
 """
@@ -19,9 +23,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, and_, case, cast, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Text, and_, case, cast, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.api.datasets.bulk import (
+    CONTENT_HASH,
+    PLACEHOLDER_MOMENT,
+    SOURCE_LOG_ID,
+    EntryRow,
+    bulk_insert_for,
+    driver_moment,
+    entry_row,
+)
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetEntryRevision, DatasetJob
 from services.api.datasets.rows import (
     EntryDraft,
@@ -77,7 +90,12 @@ class AddResult:
     created: int = 0
     duplicates: int = 0
     errors: list[RowProblem] = field(default_factory=list)
-    entry_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Inserted:
+    created: int = 0
+    duplicates: int = 0
 
 
 def draft_values(
@@ -139,25 +157,46 @@ async def add_entries(
             drafts.append((first_index + offset, parse_entry(row)))
         except EntryError as exc:
             result.errors.append(RowProblem(first_index + offset, str(exc)))
-    known = await existing_hashes(
-        session=session, dataset_id=dataset.id, hashes=[d.content_hash for _, d in drafts]
-    )
-    moment, ids = now(), entry_ids()
-    values = []
-    for _, draft in drafts:
-        if draft.content_hash in known:
-            result.duplicates += 1
-            continue
-        known.add(draft.content_hash)
-        values.append(
-            draft_values(draft, dataset_id=dataset.id, source=source, entry_id=next(ids), moment=moment)
+    connection = await session.connection()
+    moment, ids = driver_moment(connection.dialect, now()), entry_ids()
+    rows = [
+        entry_row(
+            draft_values(
+                draft, dataset_id=dataset.id, source=source, entry_id=next(ids), moment=PLACEHOLDER_MOMENT
+            ),
+            moment,
         )
-    if values:
-        await session.execute(insert(DatasetEntry), values)
-        dataset.updated_at = moment
-    result.created = len(values)
-    result.entry_ids = [v["id"] for v in values]
+        for _, draft in drafts
+    ]
+    inserted = await insert_entries(session=session, dataset=dataset, rows=rows)
+    result.created, result.duplicates = inserted.created, inserted.duplicates
     return result
+
+
+async def insert_entries(*, session: AsyncSession, dataset: Dataset, rows: list[EntryRow]) -> Inserted:
+    """Insert the rows that are not duplicates (see the module's docstring); count the others.
+
+    A log's row is checked by the table's unique ``(dataset_id, source_log_id)`` (``ON CONFLICT DO
+    NOTHING``, so concurrent imports are safe); any other row by its content hash, for which the
+    caller holds the dataset's write lock (``lock_dataset``/``hold_write_lock``) so that the check
+    sees what concurrent writers committed. Distinct logs with equal content stay distinct entries.
+    """
+    by_content = [row for row in rows if row[SOURCE_LOG_ID] is None]
+    known = await existing_hashes(
+        session=session, dataset_id=dataset.id, hashes=list({row[CONTENT_HASH] for row in by_content})
+    )
+    fresh = []
+    for row in rows:
+        if row[SOURCE_LOG_ID] is None:
+            if row[CONTENT_HASH] in known:
+                continue
+            known.add(row[CONTENT_HASH])
+        fresh.append(row)
+    connection = await session.connection()
+    created = await bulk_insert_for(connection.dialect).insert(connection, fresh) if fresh else 0
+    if created:
+        dataset.updated_at = now()
+    return Inserted(created=created, duplicates=len(rows) - created)
 
 
 # --- datasets --------------------------------------------------------------------------------
@@ -205,13 +244,17 @@ async def lock_dataset(*, session: AsyncSession, project_id: str, dataset_id: st
     duplicate check of ``add_entries`` sees the rows the other one committed.
     """
     dataset = await get_dataset(session=session, project_id=project_id, dataset_id=dataset_id)
+    await hold_write_lock(session=session, dataset_id=dataset.id)
+    return dataset
+
+
+async def hold_write_lock(*, session: AsyncSession, dataset_id: str) -> None:
     await session.execute(
         update(Dataset)
-        .where(Dataset.id == dataset.id)
+        .where(Dataset.id == dataset_id)
         .values(updated_at=Dataset.updated_at)
         .execution_options(synchronize_session=False)
     )
-    return dataset
 
 
 def touch(dataset: Dataset, moment: datetime | None = None) -> None:

@@ -137,7 +137,9 @@ async def create_entries(
 ) -> EntriesCreated:
     result = await _add_rows(db, project_id, dataset_id, body.entries)
     errors = [EntryCreationError(entry_index=p.index, message=p.message) for p in result.errors]
-    return EntriesCreated(entries_created=result.created, errors=EntryCreationErrors(data=errors))
+    return EntriesCreated(
+        entries_created=result.created, duplicates=result.duplicates, errors=EntryCreationErrors(data=errors)
+    )
 
 
 @router.get(

@@ -7,8 +7,8 @@ an internal caller: ``x-distillery-internal-token`` plus the project id in
 entry: the request's messages followed by ``choices[0].message`` as the output, the request's
 ``tools``/``tool_choice``/``response_format``, the log's metadata, ``source``/``provenance``
 ``request_log`` and ``source_log_id`` = the log id. Failed and pending calls are skipped; a log
-already in the dataset is skipped: the unique ``(dataset_id, source_log_id)`` with ``ON CONFLICT
-DO NOTHING`` makes re-importing idempotent, concurrent imports included.
+already in the dataset is skipped as a duplicate (``datasets.service.insert_entries``: the unique
+``(dataset_id, source_log_id)``), which makes re-importing idempotent, concurrent imports included.
 
 Throughput: each message of the stream is converted into ready-to-insert rows by a small pool
 of worker processes (JSON parsing and row validation are CPU-bound; the api's event loop keeps
@@ -27,21 +27,23 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
-from itertools import chain
 from typing import Any
 
 import grpc
 import orjson
-from sqlalchemy import JSON
-from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.datasets import jobs
-from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
+from services.api.datasets.bulk import PLACEHOLDER_MOMENT, EntryRow, driver_moment, entry_row
+from services.api.datasets.models import Dataset, DatasetJob
 from services.api.datasets.rows import EntryDraft, EntryError, parse_entry
-from services.api.datasets.service import draft_values, entry_ids, get_dataset
+from services.api.datasets.service import (
+    draft_values,
+    entry_ids,
+    get_dataset,
+    insert_entries,
+)
 from services.api.log_imports.models import JOB_KIND, SOURCE, ImportFilters, ImportLogsRequest
 from services.common import tracing
 from services.common.auth import INTERNAL_TOKEN_HEADER, PROJECT_HEADER
@@ -165,100 +167,6 @@ def log_to_draft(log_entry: logs_pb2.RequestLog) -> EntryDraft:
     return parse_entry(log_to_row(request, response, dict(log_entry.metadata)))
 
 
-# --- rows ready for the driver -------------------------------------------------------------------
-#
-# Rows go to the driver as they are: JSON already serialized (orjson; ``None`` as JSON null, as
-# SQLAlchemy's JSON type stores it) and timestamps already in the driver's form, inserted with
-# multi-row ``INSERT ... VALUES (...), (...) ON CONFLICT (dataset_id, source_log_id) DO NOTHING``
-# statements. Per-row SQLAlchemy processing would cost more than the insert itself, and one
-# statement per row would hand the GIL back and forth with the event loop on every row (SQLite
-# runs in a thread); the statement's row count says how many were new.
-
-_TABLE = DatasetEntry.__table__
-_COLUMNS = tuple(c.name for c in _TABLE.columns)
-_ATTRIBUTE = {c.name: attr.key for attr in DatasetEntry.__mapper__.column_attrs for c in attr.columns}
-_JSON_COLUMNS = frozenset(c.name for c in _TABLE.columns if isinstance(c.type, JSON))
-_TIME_COLUMNS = frozenset(("created_at", "updated_at"))
-_PLACEHOLDER_MOMENT = datetime(2000, 1, 1, tzinfo=UTC)
-MAX_ROWS_PER_STATEMENT = 1500
-MAX_PARAMETERS = 32_000  # SQLite (since 3.32) allows 32766 per statement, Postgres 32767
-
-
-def entry_row(values: dict[str, Any], moment: Any) -> tuple[Any, ...]:
-    """``draft_values`` output as driver parameters in table column order; ``moment`` processed."""
-    out = []
-    for column in _COLUMNS:
-        if column in _TIME_COLUMNS:
-            out.append(moment)
-        elif column in _JSON_COLUMNS:
-            out.append(orjson.dumps(values[_ATTRIBUTE[column]]).decode())
-        else:
-            out.append(values[_ATTRIBUTE[column]])
-    return tuple(out)
-
-
-class BulkInsert:
-    """Multi-row inserts of :func:`entry_row` tuples: few statements, so few round trips.
-
-    The SQL is written out here rather than compiled per row count: every row count needs its
-    own statement, and compiling thousands of bound parameters costs more than running them.
-    SQLite (``?``) and Postgres drivers (``$n``, ``%s``) are supported; the target columns are
-    quoted by the dialect.
-    """
-
-    PLACEHOLDERS: dict[str, Callable[[int], str]] = {
-        "qmark": lambda _: "?",
-        "numeric_dollar": lambda k: f"${k}",
-        "numeric": lambda k: f":{k}",
-        "format": lambda _: "%s",
-    }
-
-    def __init__(self, dialect: Dialect) -> None:
-        if dialect.paramstyle not in self.PLACEHOLDERS:  # pragma: no cover - sqlite3, asyncpg, psycopg
-            raise NotImplementedError(f"bulk insert for the {dialect.paramstyle!r} paramstyle")
-        self.dialect = dialect
-        self.rows_per_statement = max(1, min(MAX_ROWS_PER_STATEMENT, MAX_PARAMETERS // len(_COLUMNS)))
-        quote = dialect.identifier_preparer.quote
-        self._head = (
-            f"INSERT INTO {dialect.identifier_preparer.format_table(_TABLE)} "
-            f"({', '.join(quote(c) for c in _COLUMNS)}) VALUES "
-        )
-        self._tail = f" ON CONFLICT ({quote('dataset_id')}, {quote('source_log_id')}) DO NOTHING"
-        self._statements: dict[int, str] = {}
-
-    def statement(self, n: int) -> str:
-        """The SQL for ``n`` rows (the full-size one is kept; a remainder is written each time)."""
-        if n in self._statements:
-            return self._statements[n]
-        placeholder, width = self.PLACEHOLDERS[self.dialect.paramstyle], len(_COLUMNS)
-        rows = ("(" + ", ".join(placeholder(i * width + j + 1) for j in range(width)) + ")" for i in range(n))
-        sql = self._head + ", ".join(rows) + self._tail
-        if n == self.rows_per_statement:
-            self._statements[n] = sql
-        return sql
-
-    async def insert(self, connection: AsyncConnection, rows: list[tuple[Any, ...]]) -> int:
-        """Insert ``rows``; returns how many were new (the others were already in the dataset)."""
-        inserted = 0
-        for start in range(0, len(rows), self.rows_per_statement):
-            chunk = rows[start : start + self.rows_per_statement]
-            result = await connection.exec_driver_sql(
-                self.statement(len(chunk)), tuple(chain.from_iterable(chunk))
-            )
-            inserted += max(result.rowcount, 0)
-        return inserted
-
-
-_BULK: dict[str, BulkInsert] = {}
-
-
-def bulk_insert_for(dialect: Dialect) -> BulkInsert:
-    key = f"{dialect.name}+{dialect.driver}"
-    if key not in _BULK:
-        _BULK[key] = BulkInsert(dialect)
-    return _BULK[key]
-
-
 @dataclass
 class Converted:
     """One message of the stream, converted: rows to insert and what was skipped."""
@@ -266,7 +174,7 @@ class Converted:
     read: int = 0  # logs this batch accounts for (entries, failed calls, invalid logs)
     failed_calls: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
-    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    rows: list[EntryRow] = field(default_factory=list)
 
     def extend(self, other: Converted) -> None:
         self.read += other.read
@@ -295,7 +203,7 @@ def convert_batch(data: bytes, dataset_id: str, moment: Any) -> Converted:
             source=SOURCE,
             source_log_id=entry.id,
             provenance=SOURCE,
-            moment=_PLACEHOLDER_MOMENT,  # replaced by ``moment`` in the row
+            moment=PLACEHOLDER_MOMENT,  # replaced by ``moment`` in the row
             entry_id=next(ids),
         )
         converted.rows.append(entry_row(values, moment))
@@ -345,7 +253,6 @@ async def _write_batch(
     sessions: async_sessionmaker[AsyncSession],
     job_id: str,
     dataset_id: str,
-    bulk: BulkInsert,
     batch: Converted,
     tally: Tally,
 ) -> None:
@@ -355,12 +262,10 @@ async def _write_batch(
         job = await session.get(DatasetJob, job_id)
         if dataset is None or job is None:
             raise DatasetGone
-        created = await bulk.insert(await session.connection(), batch.rows) if batch.rows else 0
-        if created:
-            dataset.updated_at = now()
+        inserted = await insert_entries(session=session, dataset=dataset, rows=batch.rows)
         tally.read += batch.read
-        tally.created += created
-        tally.duplicates += len(batch.rows) - created
+        tally.created += inserted.created
+        tally.duplicates += inserted.duplicates
         tally.failed_calls += batch.failed_calls
         tally.invalid += len(batch.errors)
         jobs.record_progress(job, done=tally.read, errors=batch.errors)
@@ -393,13 +298,11 @@ def _rpc_problem(exc: grpc.aio.AioRpcError) -> str:
     return f"the request logs could not be read ({exc.code().name}); run the import again to resume"
 
 
-async def _timestamp_value(sessions: async_sessionmaker[AsyncSession]) -> tuple[BulkInsert, Any]:
-    """The inserter for the catalog's dialect and the job's timestamp as the driver takes it."""
+async def _timestamp_value(sessions: async_sessionmaker[AsyncSession]) -> Any:
+    """The job's timestamp as the catalog's driver takes it (rows are converted in workers)."""
     async with sessions() as session:
         dialect = (await session.connection()).dialect
-    processor = DatasetEntry.__table__.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
-    moment = now()
-    return bulk_insert_for(dialect), processor(moment) if processor is not None else moment
+    return driver_moment(dialect, now())
 
 
 async def run_import(
@@ -415,12 +318,10 @@ async def run_import(
     filters = grpc_filters(body.filters)
     tally = Tally()
     problem: str | None = None
-    bulk, moment = await _timestamp_value(sessions)
+    moment = await _timestamp_value(sessions)
     loop = asyncio.get_running_loop()
     executor = importer.executor()
-    write = partial(
-        _write_batch, sessions=sessions, job_id=job_id, dataset_id=dataset_id, bulk=bulk, tally=tally
-    )
+    write = partial(_write_batch, sessions=sessions, job_id=job_id, dataset_id=dataset_id, tally=tally)
 
     def convert(data: bytes) -> asyncio.Future[Converted]:
         if executor is None:
