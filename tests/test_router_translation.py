@@ -16,15 +16,9 @@ import pytest
 from services.common.errors import APIError
 from services.router.providers.anthropic_translate import (
     DEFAULT_MAX_TOKENS,
-    DONE_EVENT,
     JSON_OBJECT_INSTRUCTION,
     AnthropicStreamTranslator,
-    SSEParser,
-    TranslationError,
-    UpstreamStreamError,
-    aparse_sse_lines,
     from_anthropic_response,
-    parse_sse_lines,
     to_anthropic_request,
 )
 from services.router.providers.gemini_translate import (
@@ -33,6 +27,8 @@ from services.router.providers.gemini_translate import (
     from_gemini_response,
     to_gemini_request,
 )
+from services.router.providers.sse import DONE_EVENT, SSEParser, aparse_sse_lines, parse_sse_lines
+from services.router.providers.translation import TranslationError, UpstreamStreamError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
 COUNT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10"

@@ -12,7 +12,7 @@ import orjson
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
 
 
-def _text_of(blocks: Any) -> str:
+def text_of_blocks(blocks: Any) -> str:
     if isinstance(blocks, str):
         return blocks
     if isinstance(blocks, list):
@@ -29,7 +29,7 @@ def _image_part(block: dict) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _tool_call(block: dict) -> dict:
+def tool_call_of_block(block: dict) -> dict:
     arguments = orjson.dumps(block.get("input") or {}).decode()
     return {
         "id": block.get("id", ""),
@@ -53,13 +53,13 @@ def _convert_message(message: dict) -> list[dict]:
         elif kind == "image":
             parts.append(_image_part(block))
         elif kind == "tool_use":
-            tool_calls.append(_tool_call(block))
+            tool_calls.append(tool_call_of_block(block))
         elif kind == "tool_result":
             tool_results.append(
                 {
                     "role": "tool",
                     "tool_call_id": block.get("tool_use_id", ""),
-                    "content": _text_of(block.get("content")),
+                    "content": text_of_blocks(block.get("content")),
                 }
             )
     out: list[dict] = list(tool_results)
@@ -96,7 +96,7 @@ def request_to_openai(req: Any) -> Any:
     if not isinstance(req, dict):
         return req
     messages: list[dict] = []
-    system = _text_of(req.get("system"))
+    system = text_of_blocks(req.get("system"))
     if system:
         messages.append({"role": "system", "content": system})
     for message in req.get("messages") or []:
@@ -135,8 +135,10 @@ def response_to_openai(resp: Any, created: int = 0) -> Any:
     if not isinstance(resp, dict) or resp.get("type") != "message":
         return resp
     blocks = resp.get("content") or []
-    text = _text_of(blocks)
-    tool_calls = [_tool_call(b) for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"]
+    text = text_of_blocks(blocks)
+    tool_calls = [
+        tool_call_of_block(b) for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"
+    ]
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if tool_calls:
         message["tool_calls"] = tool_calls

@@ -10,6 +10,7 @@ from typing import Any
 from services.common.errors import bad_request
 from services.router.providers import anthropic_translate as translate
 from services.router.providers.base import translated_chunks
+from services.router.providers.translation import TranslationError
 from services.router.routing import Route
 from services.router.upstream import Upstream
 
@@ -19,7 +20,7 @@ API_VERSION = "2023-06-01"
 def _request(route: Route, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
     try:
         request = translate.to_anthropic_request(body, route.upstream_model)
-    except translate.TranslationError as exc:
+    except TranslationError as exc:
         raise bad_request(f"anthropic: {exc.message}", param=exc.param) from None
     request["stream"] = stream
     return request

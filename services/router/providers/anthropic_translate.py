@@ -5,8 +5,8 @@ translates the client's OpenAI body with :func:`to_anthropic_request`, POSTs it 
 ``/v1/messages`` and translates the answer back with :func:`from_anthropic_response`, or, when
 streaming, feeds each parsed SSE event to an :class:`AnthropicStreamTranslator`.
 
-The SSE parser (:class:`SSEParser`, :func:`parse_sse_lines`, :func:`aparse_sse_lines`) and the
-error types here are shared with :mod:`services.router.providers.gemini_translate`.
+The SSE parser (:mod:`.sse`) and the error types and OpenAI-side helpers (:mod:`.translation`)
+are shared with :mod:`services.router.providers.gemini_translate`.
 
 The one-way log normalizer in :mod:`services.common.anthropic_format` is reused for the
 Anthropic → OpenAI block helpers, so stored logs and proxied answers look the same.
@@ -15,18 +15,26 @@ Anthropic → OpenAI block helpers, so stored logs and proxied answers look the 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
-import orjson
-
-from services.common.anthropic_format import STOP_REASONS, _text_of, _tool_call
-from services.common.errors import APIError
-from services.router.upstream import UpstreamError
+from services.common.anthropic_format import STOP_REASONS, text_of_blocks, tool_call_of_block
+from services.router.providers.translation import (
+    TranslationError,
+    UpstreamStreamError,
+    chunk,
+    content_parts,
+    function_tools,
+    image_url_of,
+    max_output_tokens,
+    openai_usage,
+    parse_data_url,
+    parse_tool_arguments,
+    stop_sequences,
+    text_of,
+)
 
 DEFAULT_MAX_TOKENS = 4096
 JSON_OBJECT_INSTRUCTION = "Respond with a JSON object only."
-DONE_EVENT = "[DONE]"
 
 FINISH_REASONS: dict[str, str] = {**STOP_REASONS, "refusal": "content_filter", "pause_turn": "stop"}
 
@@ -51,27 +59,6 @@ _TOOL_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 # --- errors ------------------------------------------------------------------------------------
 
 
-class TranslationError(APIError):
-    """The caller explicitly asked for something the upstream API cannot do: a 400 naming ``param``."""
-
-    def __init__(self, param: str, message: str, *, code: str = "unsupported_parameter") -> None:
-        super().__init__(400, message, type="invalid_request_error", param=param, code=code)
-
-
-class UpstreamStreamError(UpstreamError):
-    """An upstream reported an error inside a stream (or an error body where a result was due)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status_code: int = 502,
-        type: str = "upstream_error",
-        code: str | None = "upstream_error",
-    ) -> None:
-        super().__init__(status_code, message, type=type, code=code)
-
-
 def anthropic_error(body: Any, *, status_code: int | None = None) -> UpstreamStreamError:
     """The exception for an Anthropic error object (``{"type": "error", "error": {type, message}}``)."""
     error = body.get("error") if isinstance(body, dict) else None
@@ -82,186 +69,6 @@ def anthropic_error(body: Any, *, status_code: int | None = None) -> UpstreamStr
     if kind not in _ERROR_TYPES and status_code is not None and 400 <= status_code < 500:
         status, openai_type, code = status_code, "invalid_request_error", None
     return UpstreamStreamError(f"anthropic: {message}", status_code=status, type=openai_type, code=code)
-
-
-# --- shared helpers (also used by gemini_translate) --------------------------------------------
-
-
-def parse_data_url(url: str, param: str) -> tuple[str, str] | None:
-    """``data:<media>;base64,<data>`` → (media type, base64 data); None for any other URL."""
-    if not url.startswith("data:"):
-        return None
-    header, comma, data = url[5:].partition(",")
-    if not comma or ";base64" not in header:
-        raise TranslationError(
-            param, "Only base64 data URLs are supported for inline content.", code="invalid_value"
-        )
-    media_type = header.split(";", 1)[0] or "application/octet-stream"
-    return media_type, data
-
-
-def parse_tool_arguments(arguments: Any) -> dict[str, Any]:
-    """OpenAI ``function.arguments`` (a JSON string) as an object; unparseable text kept as ``_raw``."""
-    if isinstance(arguments, dict):
-        return arguments
-    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
-        return {}
-    try:
-        parsed = orjson.loads(arguments)
-    except (orjson.JSONDecodeError, TypeError):
-        return {"_raw": str(arguments)}
-    return parsed if isinstance(parsed, dict) else {"_raw": str(arguments)}
-
-
-def content_parts(content: Any) -> list[dict[str, Any]]:
-    """OpenAI message ``content`` (string, part list or None) as a list of parts."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if isinstance(content, list):
-        return [{"type": "text", "text": p} if isinstance(p, str) else p for p in content if p is not None]
-    return [{"type": "text", "text": str(content)}]
-
-
-def text_of(content: Any) -> str:
-    """The text of OpenAI message ``content`` (text and refusal parts joined)."""
-    return "".join(
-        str(p.get("text") or p.get("refusal") or "")
-        for p in content_parts(content)
-        if isinstance(p, dict) and p.get("type") in ("text", "refusal")
-    )
-
-
-def image_url_of(part: dict[str, Any]) -> str:
-    image = part.get("image_url")
-    return str(image.get("url") or "") if isinstance(image, dict) else str(image or "")
-
-
-def stop_sequences(stop: Any) -> list[str]:
-    if stop is None:
-        return []
-    items = [stop] if isinstance(stop, str) else list(stop)
-    return [s for s in items if isinstance(s, str) and s]
-
-
-def max_output_tokens(req: dict[str, Any]) -> int | None:
-    for param in ("max_completion_tokens", "max_tokens"):
-        value = req.get(param)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise TranslationError(param, f"{param} must be a positive integer.", code="invalid_value")
-        return value
-    return None
-
-
-def openai_usage(
-    prompt: int, completion: int, *, cached: int = 0, reasoning: int | None = None, total: int | None = None
-) -> dict[str, Any]:
-    usage: dict[str, Any] = {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": total if total is not None else prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-    if reasoning is not None:
-        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
-    return usage
-
-
-def chunk(
-    completion_id: str,
-    created: int,
-    model: str,
-    delta: dict[str, Any],
-    *,
-    index: int = 0,
-    finish_reason: str | None = None,
-) -> dict[str, Any]:
-    """One OpenAI ``chat.completion.chunk`` with a single choice."""
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
-
-
-# --- server-sent events ------------------------------------------------------------------------
-
-
-class SSEParser:
-    """Incremental server-sent-events parser fed one line at a time (``httpx`` ``aiter_lines()``).
-
-    :meth:`feed_line` returns ``(event, data)`` when a blank line completes an event, else None.
-    ``event`` is the ``event:`` field, else the JSON ``type`` field, else ``"message"``; ``data`` is
-    the parsed JSON object. OpenAI's ``data: [DONE]`` sentinel comes out as ``(DONE_EVENT, {})``.
-    Call :meth:`flush` at end of input for a final event without its trailing blank line.
-    """
-
-    def __init__(self) -> None:
-        self._event: str | None = None
-        self._data: list[str] = []
-
-    def feed_line(self, line: str) -> tuple[str, dict[str, Any]] | None:
-        line = line.rstrip("\r\n")
-        if not line:
-            return self._dispatch()
-        if line.startswith(":"):
-            return None
-        field, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if field == "event":
-            self._event = value
-        elif field == "data":
-            self._data.append(value)
-        return None
-
-    def flush(self) -> tuple[str, dict[str, Any]] | None:
-        return self._dispatch()
-
-    def _dispatch(self) -> tuple[str, dict[str, Any]] | None:
-        event, lines = self._event, self._data
-        self._event, self._data = None, []
-        if not lines:
-            return None
-        text = "\n".join(lines)
-        if text.strip() == DONE_EVENT:
-            return DONE_EVENT, {}
-        try:
-            data = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            raise UpstreamStreamError(f"malformed event from upstream: {text[:200]!r}") from None
-        if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
-            data = data[0]  # Gemini wraps some errors in a one-element array
-        if not isinstance(data, dict):
-            raise UpstreamStreamError(f"unexpected event from upstream: {text[:200]!r}")
-        if event is None:
-            event = data["type"] if isinstance(data.get("type"), str) else "message"
-        return event, data
-
-
-def parse_sse_lines(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(event, data)`` for every event in an iterable of text lines."""
-    parser = SSEParser()
-    for line in lines:
-        if (item := parser.feed_line(line)) is not None:
-            yield item
-    if (item := parser.flush()) is not None:
-        yield item
-
-
-async def aparse_sse_lines(lines: AsyncIterable[str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """:func:`parse_sse_lines` over an async iterable (``response.aiter_lines()``)."""
-    parser = SSEParser()
-    async for line in lines:
-        if (item := parser.feed_line(line)) is not None:
-            yield item
-    if (item := parser.flush()) is not None:
-        yield item
 
 
 # --- request: OpenAI → Anthropic ---------------------------------------------------------------
@@ -430,28 +237,6 @@ def _convert_messages(req: dict[str, Any]) -> tuple[list[str], list[dict[str, An
     return system, _finish_messages(messages)
 
 
-def function_tools(req: dict[str, Any]) -> list[dict[str, Any]]:
-    """The request's functions (``tools``, or legacy ``functions``), checked; shared with Gemini."""
-    if req.get("tools"):
-        param, entries = "tools", list(req["tools"])
-    elif req.get("functions"):
-        param, entries = "functions", [{"type": "function", "function": f} for f in req["functions"]]
-    else:
-        return []
-    functions = []
-    for i, tool in enumerate(entries):
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
-            raise TranslationError(f"{param}[{i}].type", f"Only function tools are supported, not {kind!r}.")
-        function = tool.get("function") or {}
-        if not function.get("name"):
-            raise TranslationError(
-                f"{param}[{i}].function.name", "Every tool needs a name.", code="invalid_value"
-            )
-        functions.append(function)
-    return functions
-
-
 def _tools(req: dict[str, Any]) -> list[dict[str, Any]]:
     tools = []
     for function in function_tools(req):
@@ -571,11 +356,11 @@ def from_anthropic_response(
     if resp.get("type") != "message":
         raise UpstreamStreamError("anthropic returned something that is not a message")
     blocks = [b for b in resp.get("content") or [] if isinstance(b, dict)]
-    tool_calls = [_tool_call(b) for b in blocks if b.get("type") == "tool_use"]
+    tool_calls = [tool_call_of_block(b) for b in blocks if b.get("type") == "tool_use"]
     has_text = any(b.get("type") == "text" for b in blocks)
     message: dict[str, Any] = {
         "role": "assistant",
-        "content": _text_of(blocks) if has_text or not tool_calls else None,
+        "content": text_of_blocks(blocks) if has_text or not tool_calls else None,
         "refusal": None,
     }
     if tool_calls:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from services.router.providers.anthropic_translate import SSEParser
+from services.router.providers.sse import SSEParser
 from services.router.routing import Route
 from services.router.upstream import Upstream
 

@@ -20,11 +20,9 @@ from typing import Any
 
 import orjson
 
-from services.router.providers.anthropic_translate import (
-    SSEParser,
+from services.router.providers.translation import (
     TranslationError,
     UpstreamStreamError,
-    aparse_sse_lines,
     chunk,
     content_parts,
     function_tools,
@@ -32,7 +30,6 @@ from services.router.providers.anthropic_translate import (
     max_output_tokens,
     openai_usage,
     parse_data_url,
-    parse_sse_lines,
     parse_tool_arguments,
     stop_sequences,
     text_of,
@@ -40,14 +37,9 @@ from services.router.providers.anthropic_translate import (
 
 __all__ = [
     "GeminiStreamTranslator",
-    "SSEParser",
-    "TranslationError",
-    "UpstreamStreamError",
-    "aparse_sse_lines",
     "clean_schema",
     "from_gemini_response",
     "gemini_error",
-    "parse_sse_lines",
     "to_gemini_request",
 ]
 
