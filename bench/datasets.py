@@ -239,7 +239,7 @@ def unique_row(row: dict, i: int) -> dict:
 
 
 def bench_upload(stack: Stack, args: argparse.Namespace) -> None:
-    from services.api.log_imports.service import log_to_row
+    from services.api.log_imports.convert import log_to_row
     from services.sample_traffic import sample_reports
 
     print(f"\n[2] upload: a JSONL of {args.upload_rows} rows")

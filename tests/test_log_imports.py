@@ -22,6 +22,8 @@ from sqlalchemy import select, text
 from services.api.datasets import jobs
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
 from services.api.log_imports import service as imports
+from services.api.log_imports.client import LogImporter
+from services.api.log_imports.convert import convert_batch
 from services.api.projects.models import Project as ProjectRow
 from services.common.clock import now
 from services.common.db import make_engine, make_sessionmaker, migrate
@@ -393,7 +395,7 @@ async def test_progress_is_committed_transaction_by_transaction(
     monkeypatch.setattr(imports, "_write_batch", recording)
     state = running.platform.app.state
     importer = state.log_importer
-    state.log_importer = imports.LogImporter(importer.address, importer.token, workers=0)
+    state.log_importer = LogImporter(importer.address, importer.token, workers=0)
     try:
         job = await import_logs(running, project, dataset_id, {})
     finally:
@@ -522,7 +524,7 @@ async def test_wrong_internal_token_is_unauthenticated(
     # an api holding the wrong token: the job fails and says why, without the token
     state = running.platform.app.state
     importer = state.log_importer
-    state.log_importer = imports.LogImporter(importer.address, wrong)
+    state.log_importer = LogImporter(importer.address, wrong)
     try:
         dataset_id = await make_dataset(project)
         job = await import_logs(running, project, dataset_id, {})
@@ -591,7 +593,7 @@ async def test_bulk_writer_round_trips_on_sqlite_and_postgres(database_url: str)
             )
         batch.logs.add(id="log-bad", status="success", openai_request_json="{", openai_response_json="{}")
         stamp = await imports._timestamp_value(sessions)
-        converted = imports.convert_batch(batch.SerializeToString(), "ds_bulk", stamp)
+        converted = convert_batch(batch.SerializeToString(), "ds_bulk", stamp)
         assert (converted.read, converted.failed_calls, len(converted.rows)) == (1701, 170, 1530)
         assert converted.errors == [{"log_id": "log-bad", "message": "the logged payload is not valid JSON"}]
         tally = imports.Tally()

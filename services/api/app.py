@@ -16,7 +16,7 @@ from services.api.fine_tuning import openai_provider
 from services.api.fine_tuning import service as fine_tuning
 from services.api.fine_tuning.consumers import register_events_consumer
 from services.api.fine_tuning.views import router as fine_tuning_router
-from services.api.log_imports.service import LogImporter, default_workers
+from services.api.log_imports.client import LogImporter, default_workers
 from services.api.log_imports.views import router as log_imports_router
 from services.api.model_weights.views import router as model_weights_router
 from services.api.projects import service as projects

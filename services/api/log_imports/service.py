@@ -14,39 +14,33 @@ Throughput: each message of the stream is converted into ready-to-insert rows by
 of worker processes (JSON parsing and row validation are CPU-bound; the api's event loop keeps
 streaming and inserting meanwhile), then inserted with multi-row statements,
 ``ROWS_PER_TRANSACTION`` rows per transaction, each committing the job's progress with it.
+
+The roles, one file each: ``client.py`` (ingest's LogQuery and the conversion pool),
+``convert.py`` (a log becomes an entry row), this module (the job), and the entries are written
+by ``datasets.service.insert_entries``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import grpc
-import orjson
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.datasets import jobs
-from services.api.datasets.bulk import PLACEHOLDER_MOMENT, EntryRow, driver_moment, entry_row
+from services.api.datasets.bulk import driver_moment
 from services.api.datasets.models import Dataset, DatasetJob
-from services.api.datasets.rows import EntryDraft, EntryError, parse_entry
-from services.api.datasets.service import (
-    draft_values,
-    entry_ids,
-    get_dataset,
-    insert_entries,
-)
-from services.api.log_imports.models import JOB_KIND, SOURCE, ImportFilters, ImportLogsRequest
-from services.common import tracing
-from services.common.auth import INTERNAL_TOKEN_HEADER, PROJECT_HEADER
+from services.api.datasets.service import get_dataset, insert_entries
+from services.api.log_imports.client import SEARCH_BATCHES, LogImporter, grpc_filters, rpc_problem
+from services.api.log_imports.convert import Converted, convert_batch
+from services.api.log_imports.models import JOB_KIND, ImportLogsRequest
 from services.common.clock import now
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
 
@@ -59,155 +53,6 @@ SEARCH_BATCH_LOGS = 2000  # logs per SearchBatches message (one conversion task)
 # once FLUSH_SECONDS have passed since the last one, so progress shows on slow streams.
 ROWS_PER_TRANSACTION = 10_000
 FLUSH_SECONDS = 2.0
-MAX_WORKERS = 4
-OUTPUT_KEYS = ("role", "content", "tool_calls", "function_call", "name")
-REQUEST_KEYS = ("tools", "tool_choice", "response_format", "functions", "function_call")
-GRPC_MAX_MESSAGE = 64 * 1024 * 1024  # a batch, or one log with 8 MiB payloads raw and normalized
-SEARCH_BATCHES = "/distillery.v1.LogQuery/SearchBatches"
-
-
-def default_workers() -> int:
-    """Conversion processes when not configured: the CPUs left over by the api, at most 4."""
-    return max(1, min(MAX_WORKERS, (os.cpu_count() or 2) - 1))
-
-
-@dataclass
-class LogImporter:
-    """What the api needs to import logs: ingest's ``LogQuery`` address, the internal token, and
-    how many worker processes convert logs into rows (0: in the event loop)."""
-
-    address: str
-    token: str = field(repr=False)
-    workers: int = 0
-    _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
-
-    def metadata(self, project_id: str) -> tuple[tuple[str, str], ...]:
-        return ((INTERNAL_TOKEN_HEADER, self.token), (PROJECT_HEADER, project_id))
-
-    def channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(
-            self.address,
-            interceptors=[tracing.ClientTracing()],
-            options=[
-                ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
-                ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
-            ],
-        )
-
-    def executor(self) -> Executor | None:
-        """The conversion pool, started on first use (``spawn``: safe beside gRPC's threads)."""
-        if self.workers <= 0:
-            return None
-        if self._pool is None:
-            context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
-        return self._pool
-
-    def discard_pool(self) -> None:
-        """After a worker died: the next import starts a fresh pool."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
-
-
-# --- a log becomes an entry ----------------------------------------------------------------------
-
-
-def grpc_filters(filters: ImportFilters) -> logs_pb2.LogFilters:
-    return logs_pb2.LogFilters(
-        model=filters.model,
-        completion_id=filters.completionId,
-        status=filters.status,
-        requested_after_ms=filters.requestedAfter,
-        requested_before_ms=filters.requestedBefore,
-        metadata=filters.metadata,
-        request_contains=filters.requestContains,
-        response_not_contains=filters.responseNotContains,
-    )
-
-
-def _output(message: Any) -> dict[str, Any]:
-    """The assistant message to learn, without response-only fields (``refusal``, ``annotations``...)."""
-    if not isinstance(message, dict):
-        raise EntryError("the logged response has no choices[0].message")
-    output = {key: message[key] for key in OUTPUT_KEYS if message.get(key) is not None}
-    output["role"] = "assistant"
-    output.setdefault("content", None)
-    return output
-
-
-def log_to_row(request: Any, response: Any, metadata: dict[str, str]) -> dict[str, Any]:
-    """An OpenAI-shaped request and response as a dataset row (the input format of ``parse_entry``)."""
-    if not isinstance(request, dict):
-        raise EntryError("the logged request is not a JSON object")
-    messages = request.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise EntryError("the logged request has no messages")
-    choices = response.get("choices") if isinstance(response, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise EntryError("the logged response has no choices[0].message")
-    row: dict[str, Any] = {"messages": [*messages, _output(choices[0].get("message"))], "metadata": metadata}
-    for key in REQUEST_KEYS:
-        if request.get(key) is not None:
-            row[key] = request[key]
-    return row
-
-
-def log_to_draft(log_entry: logs_pb2.RequestLog) -> EntryDraft:
-    try:
-        request = orjson.loads(log_entry.openai_request_json) if log_entry.openai_request_json else None
-        response = orjson.loads(log_entry.openai_response_json) if log_entry.openai_response_json else None
-    except orjson.JSONDecodeError:
-        raise EntryError("the logged payload is not valid JSON") from None
-    return parse_entry(log_to_row(request, response, dict(log_entry.metadata)))
-
-
-@dataclass
-class Converted:
-    """One message of the stream, converted: rows to insert and what was skipped."""
-
-    read: int = 0  # logs this batch accounts for (entries, failed calls, invalid logs)
-    failed_calls: int = 0
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    rows: list[EntryRow] = field(default_factory=list)
-
-    def extend(self, other: Converted) -> None:
-        self.read += other.read
-        self.failed_calls += other.failed_calls
-        self.errors += other.errors
-        self.rows += other.rows
-
-
-def convert_batch(data: bytes, dataset_id: str, moment: Any) -> Converted:
-    """A serialized ``RequestLogBatch`` → driver rows. Runs in a worker process (or inline)."""
-    converted = Converted()
-    ids = entry_ids()
-    for entry in logs_pb2.RequestLogBatch.FromString(data).logs:
-        converted.read += 1
-        if entry.status != "success":
-            converted.failed_calls += 1
-            continue
-        try:
-            draft = log_to_draft(entry)
-        except EntryError as exc:
-            converted.errors.append({"log_id": entry.id, "message": str(exc)})
-            continue
-        values = draft_values(
-            draft,
-            dataset_id=dataset_id,
-            source=SOURCE,
-            source_log_id=entry.id,
-            provenance=SOURCE,
-            moment=PLACEHOLDER_MOMENT,  # replaced by ``moment`` in the row
-            entry_id=next(ids),
-        )
-        converted.rows.append(entry_row(values, moment))
-    return converted
 
 
 # --- the job -------------------------------------------------------------------------------------
@@ -287,17 +132,6 @@ async def _read_batches(
     await queue.put(None)
 
 
-def _rpc_problem(exc: grpc.aio.AioRpcError) -> str:
-    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-        return (
-            "ingest refused the api's internal token: every process of one install needs the same "
-            "DISTILLERY_INTERNAL_TOKEN (or DISTILLERY_SECRET_KEY)"
-        )
-    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        return f"invalid filters: {exc.details()}"
-    return f"the request logs could not be read ({exc.code().name}); run the import again to resume"
-
-
 async def _timestamp_value(sessions: async_sessionmaker[AsyncSession]) -> Any:
     """The job's timestamp as the catalog's driver takes it (rows are converted in workers)."""
     async with sessions() as session:
@@ -373,7 +207,7 @@ async def run_import(
             await reader  # raises what the stream raised
         except grpc.aio.AioRpcError as exc:
             log.warning("import job %s: LogQuery failed: %s", job_id, exc.code().name)
-            problem = _rpc_problem(exc)
+            problem = rpc_problem(exc)
         except DatasetGone:
             log.info("import job %s: the dataset was deleted; stopped", job_id)
             return
