@@ -1,4 +1,4 @@
-"""The inference path: limits, cache, routing, pruning, fallback, mixture of agents, logging."""
+"""The inference path: limits, cache, routing, pruning, fallback, logging (mixture of agents: moa.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from services.common import metrics
 from services.common.errors import APIError
 from services.common.events import LogEvent
 from services.common.log_fields import merge_metadata, new_log_id
 from services.common.pruning import apply_pruning_rules
+from services.router import moa
 from services.router.cache import ResponseCache, cache_key
 from services.router.log_shipper import LogShipper
 from services.router.protocol import Fallback, error_chunk, upstream_body
@@ -30,18 +32,7 @@ from services.router.upstream import Upstream
 log = logging.getLogger(__name__)
 # Resolver misses that a catalog record still on its way over catalog.v1 would turn into a route.
 CATALOG_MISSES = ("model_not_found", "provider_key_missing")
-
-MOA_DRAFTS = 3
-MOA_DRAFT_TEMPERATURE = 0.9
-MOA_CRITIQUE_PROMPT = (
-    "Here are candidate responses to the conversation above:\n\n{drafts}\n\n"
-    "Critique each one: what is correct, what is wrong or missing, and which parts the best possible "
-    "response should keep."
-)
-MOA_SYNTHESIS_PROMPT = (
-    "Candidate responses and a critique of them follow. Write the single best response to the "
-    "conversation, using them.\n\n{drafts}\n\n<critique>\n{critique}\n</critique>"
-)
+T = TypeVar("T")
 
 
 @dataclass
@@ -111,11 +102,6 @@ def _cost(route: Route, completion: dict[str, Any]) -> float | None:
     ) / 1_000_000
 
 
-def _add_usage(total: dict[str, int], completion: dict[str, Any]) -> None:
-    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        total[key] = total.get(key, 0) + int((completion.get("usage") or {}).get(key) or 0)
-
-
 class ChatService:
     def __init__(
         self,
@@ -181,7 +167,8 @@ class ChatService:
                 if options.reads_cache and (cached := await self._cache_get(key)) is not None:
                     outcome.completion, outcome.cache_hit = cached, True
                     return cached
-                outcome.completion = await self._with_fallback(project_id, raw, options, outcome)
+                call = partial(self._call, project_id, outcome=outcome)
+                outcome.completion = await self._with_fallback(call, raw, options, outcome)
                 if options.writes_cache:
                     await self._cache_set(key, outcome.completion)
                 return outcome.completion
@@ -195,25 +182,37 @@ class ChatService:
             self._log(project_id, raw, options, requested_at, outcome)
 
     async def _with_fallback(
-        self, project_id: str, raw: dict[str, Any], options: CallOptions, outcome: Outcome
-    ) -> dict[str, Any]:
+        self,
+        attempt: Callable[[dict[str, Any], float | None], Awaitable[T]],
+        raw: dict[str, Any],
+        options: CallOptions,
+        outcome: Outcome,
+    ) -> T:
+        """``attempt(raw, timeout)``; when it fails and the call has a fallback, once more with the
+        fallback model (no timeout), noting why on the log. Completions and streams alike."""
         fallback = options.fallback
         timeout = fallback.timeout / 1000 if fallback and fallback.timeout else None
         try:
-            return await self._call(project_id, raw, outcome, timeout=timeout)
+            return await attempt(raw, timeout)
         except APIError as exc:
             if fallback is None:
                 raise
             outcome.notes.update({"$fallback.from": raw["model"], "$fallback.reason": exc.message[:300]})
             metrics.ROUTER_FALLBACKS.labels(metrics.model_label(raw["model"]), fallback.model[:100]).inc()
-            return await self._call(project_id, {**raw, "model": fallback.model}, outcome, timeout=None)
+            return await attempt({**raw, "model": fallback.model}, None)
 
     async def _call(
-        self, project_id: str, raw: dict[str, Any], outcome: Outcome, *, timeout: float | None
+        self, project_id: str, raw: dict[str, Any], timeout: float | None, *, outcome: Outcome
     ) -> dict[str, Any]:
         model = raw["model"]
         if (base := moa_base(model)) is not None:
-            return await self._mixture_of_agents(project_id, raw, base, outcome, timeout=timeout)
+            route = await self.resolve(project_id, base)
+            body = self._prepare(route, {**raw, "model": base})
+            final = await moa.complete(
+                self.providers[route.provider], self.upstream, route, body, model=model, timeout=timeout
+            )
+            outcome.notes["$moa.drafts"] = str(moa.DRAFTS)
+            return final
         route = await self.resolve(project_id, model)
         body = self._prepare(route, raw)
         outcome.route = route
@@ -229,43 +228,6 @@ class ChatService:
         if route.default_temperature is not None and body.get("temperature") is None:
             body["temperature"] = route.default_temperature
         return body
-
-    # --- mixture of agents ---------------------------------------------------------------------
-
-    async def _mixture_of_agents(
-        self, project_id: str, raw: dict[str, Any], base: str, outcome: Outcome, *, timeout: float | None
-    ) -> dict[str, Any]:
-        """Drafts at high temperature → a critique of them → a final synthesis."""
-        route = await self.resolve(project_id, base)
-        provider = self.providers[route.provider]
-        body = self._prepare(route, {**raw, "model": base})
-        body.pop("n", None)
-        usage: dict[str, int] = {}
-
-        async def ask(request: dict[str, Any]) -> dict[str, Any]:
-            completion = await provider.complete(self.upstream, route, request, model=base, timeout=timeout)
-            _add_usage(usage, completion)
-            return completion
-
-        drafts = await asyncio.gather(
-            *(ask({**body, "temperature": MOA_DRAFT_TEMPERATURE}) for _ in range(MOA_DRAFTS))
-        )
-        drafted = "\n\n".join(
-            f"<draft {i + 1}>\n{_answer_text(d)}\n</draft {i + 1}>" for i, d in enumerate(drafts)
-        )
-        critique_turn = {"role": "user", "content": MOA_CRITIQUE_PROMPT.format(drafts=drafted)}
-        critique = await ask(
-            {**_without_tools(body), "temperature": 0, "messages": [*body["messages"], critique_turn]}
-        )
-        synthesis_turn = {
-            "role": "system",
-            "content": MOA_SYNTHESIS_PROMPT.format(drafts=drafted, critique=_answer_text(critique)),
-        }
-        final = await ask({**body, "messages": [*body["messages"], synthesis_turn]})
-        final["model"] = raw["model"]
-        final["usage"] = usage
-        outcome.notes["$moa.drafts"] = str(MOA_DRAFTS)
-        return final
 
     # --- streaming -----------------------------------------------------------------------------
 
@@ -293,10 +255,12 @@ class ChatService:
                 outcome.completion, outcome.cache_hit = cached, True
                 chunks = _iterate(completion_to_chunks(cached, include_usage=include_usage))
             elif moa_base(raw["model"]) is not None:
-                completion = await self._with_fallback(project_id, raw, options, outcome)
+                call = partial(self._call, project_id, outcome=outcome)
+                completion = await self._with_fallback(call, raw, options, outcome)
                 chunks = _iterate(completion_to_chunks(completion, include_usage=include_usage))
             else:
-                chunks = await self._open_with_fallback(stack, project_id, raw, options, outcome)
+                open_stream = partial(self._open, stack, project_id, outcome=outcome)
+                chunks = await self._with_fallback(open_stream, raw, options, outcome)
         except BaseException as exc:
             await stack.aclose()
             if isinstance(exc, APIError):
@@ -306,35 +270,14 @@ class ChatService:
         relayed = self._relay(stack, chunks, project_id, raw, options, requested_at, outcome, key)
         return relayed if include_usage else without_usage(relayed)
 
-    async def _open_with_fallback(
-        self,
-        stack: AsyncExitStack,
-        project_id: str,
-        raw: dict[str, Any],
-        options: CallOptions,
-        outcome: Outcome,
-    ) -> AsyncIterator[dict[str, Any]]:
-        fallback = options.fallback
-        timeout = fallback.timeout / 1000 if fallback and fallback.timeout else None
-        try:
-            return await self._open(stack, project_id, raw, outcome, timeout=timeout)
-        except APIError as exc:
-            if fallback is None:
-                raise
-            outcome.notes.update({"$fallback.from": raw["model"], "$fallback.reason": exc.message[:300]})
-            metrics.ROUTER_FALLBACKS.labels(metrics.model_label(raw["model"]), fallback.model[:100]).inc()
-            return await self._open(
-                stack, project_id, {**raw, "model": fallback.model}, outcome, timeout=None
-            )
-
     async def _open(
         self,
         stack: AsyncExitStack,
         project_id: str,
         raw: dict[str, Any],
-        outcome: Outcome,
-        *,
         timeout: float | None,
+        *,
+        outcome: Outcome,
     ) -> AsyncIterator[dict[str, Any]]:
         route = await self.resolve(project_id, raw["model"])
         body = self._prepare(route, raw)
@@ -425,20 +368,3 @@ async def _as_sse(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator
 async def _iterate(items: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     for item in items:
         yield item
-
-
-def _answer_text(completion: dict[str, Any]) -> str:
-    message = (completion.get("choices") or [{}])[0].get("message") or {}
-    text = message.get("content") or ""
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        text += f"\n[tool call {function.get('name')}({function.get('arguments')})]"
-    return text.strip()
-
-
-def _without_tools(body: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v
-        for k, v in body.items()
-        if k not in ("tools", "tool_choice", "functions", "function_call", "response_format")
-    }
