@@ -39,7 +39,7 @@ async def test_broker_down_mid_run_gives_503_and_reads_keep_working(tmp_path: Pa
 
 async def test_clickhouse_unreachable_gives_503(tmp_path: Path, tansu: TansuBroker, chdb_url: str) -> None:
     from services.common.clickhouse import ClickHouse
-    from services.ingest.views import IngestDeps
+    from services.ingest.service import IngestDeps
 
     platform = Platform(platform_settings(tmp_path, tansu.url, chdb_url))
     await platform.start()

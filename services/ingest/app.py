@@ -12,7 +12,8 @@ from services.common.secrets import internal_token
 from services.ingest import log_query, store
 from services.ingest.consumers import KnownProjects, register_log_writer
 from services.ingest.fastpath import ReportEndpoint
-from services.ingest.views import REPORT_MODELS, IngestDeps, router
+from services.ingest.service import REPORT_MODELS, IngestDeps
+from services.ingest.views import router
 
 if TYPE_CHECKING:
     from services.platform import Platform

@@ -1,8 +1,9 @@
 """``POST /report`` without the web framework: the highest-volume route, served straight from ASGI.
 
 Same checks and answers as the FastAPI routes in ``views.py`` (auth, body limit, validation,
-the error envelope); it skips only routing, dependency injection and response models,
-which cost more than the work itself at thousands of reports per second (see bench/ingest.py).
+the error envelope; both call ``service.record_report``); it skips only routing, dependency
+injection and response models, which cost more than the work itself at thousands of reports per
+second (see bench/ingest.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 from services.common.auth import KeyRing, resolve_project
 from services.common.errors import APIError
 from services.common.http import bearer_header, read_body, send_bytes, send_error
-from services.ingest.views import OK_BODY, IngestDeps, record_report
+from services.ingest.service import OK_BODY, IngestDeps, record_report
 
 
 class ReportEndpoint:

@@ -1,20 +1,37 @@
-"""Ingest logic: turn report bodies into log events, parse filters, shape stored rows for clients."""
+"""Ingest logic: report bodies become log events published to Kafka, filters are parsed, stored
+rows are shaped for clients. Both transports (``fastpath.py``, ``views.py``) call in here."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
 
+from services.common import metrics, tracing
 from services.common.clickhouse import ClickHouse
-from services.common.errors import bad_request
-from services.common.events import MAX_UNIX_MS, LogEvent
+from services.common.errors import bad_request, invalid_input, unavailable
+from services.common.events import LOGS_TOPIC, MAX_UNIX_MS, LogEvent
+from services.common.http import loads_json
 from services.common.log_fields import LOG_STATUS_CHOICES, LOG_STATUSES, merge_metadata, new_log_id, stringify
 from services.ingest import store
-from services.ingest.models import AnthropicReportRequest, LogFilter, ReportRequest, RequestLog, Usage
+from services.ingest.models import (
+    AnthropicReportRequest,
+    LogFilter,
+    ReportRequest,
+    ReportResponse,
+    RequestLog,
+    Usage,
+)
 from services.ingest.store import LogFilters
+
+log = logging.getLogger(__name__)
 
 
 def _payload_metadata(req_payload: Any) -> Mapping[str, Any] | None:
@@ -166,3 +183,53 @@ async def iter_logs(
         if len(rows) < size:
             return
         cursor = rows[-1]["log_id"]
+
+
+# --- reporting: a body becomes a log event, durable in Kafka before the 200 ---------------------
+
+
+@dataclass
+class IngestDeps:
+    producer: AIOKafkaProducer
+    clickhouse: ClickHouse
+    publish_timeout: float
+
+
+async def publish_event(d: IngestDeps, event: LogEvent) -> None:
+    """Wait for the broker's ack: a 200 means the log is durable in Kafka."""
+    try:
+        async with asyncio.timeout(d.publish_timeout):
+            await d.producer.send_and_wait(
+                LOGS_TOPIC,
+                event.model_dump_json().encode(),
+                key=event.project_id.encode(),
+                headers=tracing.kafka_headers(),
+            )
+    except Exception as exc:
+        log.warning("publishing log %s failed: %s", event.log_id, type(exc).__name__)
+        raise unavailable(
+            "The log could not be recorded: the event broker is unavailable. Retry later."
+        ) from exc
+
+
+OK_BODY = ReportResponse().model_dump_json().encode()
+REPORT_MODELS: dict[str, tuple[type[ReportRequest], str]] = {
+    "/report": (ReportRequest, "openai"),
+    "/report-anthropic": (AnthropicReportRequest, "anthropic"),
+}
+
+
+def parse_report(raw: bytes, model: type[ReportRequest]) -> ReportRequest:
+    """Raw bytes to a validated body, under the platform's JSON policy (``loads_json``)."""
+    try:
+        return model.model_validate(loads_json(raw))
+    except ValidationError as exc:
+        raise invalid_input(exc.errors()) from None
+
+
+async def record_report(d: IngestDeps, route: str, raw: bytes, project_id: str) -> None:
+    """Validate a ``/report`` or ``/report-anthropic`` body and publish it; used by the fast
+    path (``fastpath.py``) and by the documented FastAPI routes (``views.py``)."""
+    model, source = REPORT_MODELS[route]
+    await publish_event(d, report_to_event(parse_report(raw, model), project_id=project_id, source=source))
+    metrics.INGEST_ACCEPTED.labels(route).inc()

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import ValidationError
 
-from services.common import metrics, tracing
 from services.common.auth import require_project
-from services.common.clickhouse import ClickHouse
-from services.common.errors import APIError, bad_request, invalid_input, not_found, unavailable
-from services.common.events import LOGS_TOPIC, MAX_UNIX_MS, LogEvent
-from services.common.http import loads_json, openapi_json_body, openapi_query
+from services.common.errors import APIError, bad_request, not_found, unavailable
+from services.common.events import MAX_UNIX_MS
+from services.common.http import openapi_json_body, openapi_query
 from services.common.log_fields import LOG_STATUSES, stringify
 from services.ingest import service, store
 from services.ingest.models import (
@@ -32,6 +26,7 @@ from services.ingest.models import (
     UpdateMetadataResponse,
     UpdateTagsRequest,
 )
+from services.ingest.service import OK_BODY, IngestDeps, record_report
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["logs"])
@@ -40,32 +35,8 @@ PAGE_PARAMS = ("limit", "cursor")
 MAX_PAGE = 1000
 
 
-@dataclass
-class IngestDeps:
-    producer: AIOKafkaProducer
-    clickhouse: ClickHouse
-    publish_timeout: float
-
-
 async def deps(request: Request) -> IngestDeps:
     return request.app.state.ingest
-
-
-async def publish_event(d: IngestDeps, event: LogEvent) -> None:
-    """Wait for the broker's ack: a 200 means the log is durable in Kafka."""
-    try:
-        async with asyncio.timeout(d.publish_timeout):
-            await d.producer.send_and_wait(
-                LOGS_TOPIC,
-                event.model_dump_json().encode(),
-                key=event.project_id.encode(),
-                headers=tracing.kafka_headers(),
-            )
-    except Exception as exc:
-        log.warning("publishing log %s failed: %s", event.log_id, type(exc).__name__)
-        raise unavailable(
-            "The log could not be recorded: the event broker is unavailable. Retry later."
-        ) from exc
 
 
 async def _query(coro):  # type: ignore[no-untyped-def]
@@ -76,31 +47,6 @@ async def _query(coro):  # type: ignore[no-untyped-def]
     except Exception as exc:
         log.warning("ClickHouse query failed: %s", exc)
         raise unavailable("The log store is unavailable. Retry later.") from exc
-
-
-OK_BODY = ReportResponse().model_dump_json().encode()
-REPORT_MODELS: dict[str, tuple[type[ReportRequest], str]] = {
-    "/report": (ReportRequest, "openai"),
-    "/report-anthropic": (AnthropicReportRequest, "anthropic"),
-}
-
-
-def parse_report(raw: bytes, model: type[ReportRequest]) -> ReportRequest:
-    """Raw bytes to a validated body, under the platform's JSON policy (``loads_json``)."""
-    try:
-        return model.model_validate(loads_json(raw))
-    except ValidationError as exc:
-        raise invalid_input(exc.errors()) from None
-
-
-async def record_report(d: IngestDeps, route: str, raw: bytes, project_id: str) -> None:
-    """Validate a ``/report`` or ``/report-anthropic`` body and publish it; used by the routes
-    below and by the framework-free fast path (``services/ingest/fastpath.py``)."""
-    model, source = REPORT_MODELS[route]
-    await publish_event(
-        d, service.report_to_event(parse_report(raw, model), project_id=project_id, source=source)
-    )
-    metrics.INGEST_ACCEPTED.labels(route).inc()
 
 
 def _report_body(model: type[ReportRequest]) -> dict:

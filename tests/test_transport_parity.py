@@ -1,0 +1,93 @@
+"""The framework-free fast paths and the documented FastAPI routes answer alike.
+
+``running.base_url`` reaches the fast paths (``Platform.asgi``); ``running.platform.app`` over
+``httpx.ASGITransport`` reaches the FastAPI routes, which serve apps mounted without the fast
+routes and document the endpoints in OpenAPI. Both call the same service functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import Project, RunningPlatform, wait_for_count
+from tests.helpers import MESSAGES, openai_body
+
+
+@pytest.fixture
+async def views(running: RunningPlatform, project: Project) -> AsyncIterator[httpx.AsyncClient]:
+    """The project's client, served by the FastAPI app only (no fast routes)."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=running.platform.app),
+        base_url="http://views/api/v1",
+        headers={"Authorization": f"Bearer {project.key}"},
+        timeout=30,
+    ) as client:
+        yield client
+
+
+ANTHROPIC_REPORT = {
+    "reqPayload": {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hi"}],
+    },
+    "respPayload": {
+        "id": "msg_parity",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-3-5-haiku-latest",
+        "content": [{"type": "text", "text": "hello"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 3, "output_tokens": 1},
+    },
+    "statusCode": 200,
+}
+
+
+async def test_reports_through_both_transports(project: Project, views: httpx.AsyncClient) -> None:
+    async with project.client() as fast:
+        for client in (fast, views):
+            for route, body in (("/report", openai_body()), ("/report-anthropic", ANTHROPIC_REPORT)):
+                response = await client.post(route, json=body)
+                assert (response.status_code, response.json()) == (200, {"status": "ok"}), response.text
+            bad = await client.post("/report-anthropic", content=b'{"reqPayload": ')
+            assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        await wait_for_count(fast, 4)
+        logs = (await fast.get("/logs", params={"limit": 10})).json()["data"]
+    assert sorted(log["model"] for log in logs) == ["claude-3-5-haiku-latest"] * 2 + ["gpt-4o-mini"] * 2
+
+
+async def test_chat_completions_through_both_transports(ready: Project, views: httpx.AsyncClient) -> None:
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    async with ready.client() as fast:
+        answers = [(await client.post("/chat/completions", json=body)) for client in (fast, views)]
+        assert [a.status_code for a in answers] == [200, 200]
+        contents = [a.json()["choices"][0]["message"]["content"] for a in answers]
+        assert contents[0] == contents[1] and contents[0]
+
+        streams = [
+            (await client.post("/chat/completions", json={**body, "stream": True}))
+            for client in (fast, views)
+        ]
+        for stream in streams:
+            assert stream.status_code == 200 and stream.headers["content-type"].startswith(
+                "text/event-stream"
+            )
+            events = [line[6:] for line in stream.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            text = "".join(
+                (orjson.loads(e)["choices"] or [{"delta": {}}])[0]["delta"].get("content") or ""
+                for e in events[:-1]
+            )
+            assert text == contents[0]
+
+        errors = [
+            (await client.post("/chat/completions", json={**body, "openpipe": {"cache": "sometimes"}}))
+            for client in (fast, views)
+        ]
+        assert [e.status_code for e in errors] == [400, 400]
+        assert errors[0].json() == errors[1].json()
