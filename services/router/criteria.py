@@ -15,43 +15,21 @@ import asyncio
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from services.common.errors import APIError, bad_request
+from services.common.errors import APIError
 from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent
 from services.judge.criteria import CriteriaCatalog, catalog_sync
 from services.judge.service import Judge, JudgementRecorder, ModelCaller, ModelError
+from services.router.protocol import CallOptions
 
 if TYPE_CHECKING:
     from services.platform import Platform
-    from services.router.service import CallOptions, ChatService
+    from services.router.service import ChatService
 
-MAX_CRITERIA = 10
 INPUT_FIELDS = ("messages", "tools", "tool_choice")
-
-
-def criteria_ids(header: str | None, body: list[str] | None) -> tuple[str, ...]:
-    """The ``op-criteria`` header (a JSON list of ids) or else the body's ``openpipe.criteria``."""
-    if header is None or not header.strip():
-        ids: Any = body or []
-    else:
-        try:
-            ids = orjson.loads(header)
-        except orjson.JSONDecodeError:
-            ids = None
-    if not isinstance(ids, list) or not all(isinstance(i, str) and i.strip() for i in ids):
-        raise bad_request(
-            'op-criteria must be a JSON list of criterion ids, e.g. ["tone@v2", "accuracy"].',
-            param="op-criteria",
-        )
-    if len(ids) > MAX_CRITERIA:
-        raise bad_request(f"op-criteria names at most {MAX_CRITERIA} criteria.", param="op-criteria")
-    return tuple(dict.fromkeys(i.strip() for i in ids))
 
 
 def chat_caller(chat: ChatService) -> ModelCaller:
     """Judge-model calls through this router, unlogged and uncached; errors as ``ModelError``."""
-    from services.router.service import CallOptions
 
     async def call(project_id: str, request: dict[str, Any]) -> dict[str, Any]:
         try:

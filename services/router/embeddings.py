@@ -27,10 +27,10 @@ from services.common.grpc.distillery.v1 import embeddings_pb2, embeddings_pb2_gr
 from services.common.http import openapi_json_body
 from services.common.log_fields import merge_metadata, new_log_id
 from services.router.inference_rpc import error_metadata, status_code
+from services.router.protocol import cache_mode
 from services.router.routing import Route
 from services.router.service import ChatService
 from services.router.upstream import UpstreamError
-from services.router.views import cache_mode
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,12 @@ from typing import Any, NoReturn
 
 import grpc
 import orjson
-from pydantic import ValidationError
 
 from services.common.auth import KeyRing, resolve_grpc_project
-from services.common.errors import APIError, bad_request, invalid_input
+from services.common.errors import APIError
 from services.common.grpc.distillery.v1 import inference_pb2, inference_pb2_grpc
-from services.common.http import loads_json
-from services.router.protocol import ChatCompletionRequest, Fallback, OpenPipeOptions
-from services.router.service import CallOptions, ChatService
-from services.router.views import cache_mode
+from services.router.protocol import CallOptions, parse_rpc_request, rpc_call_options
+from services.router.service import ChatService
 
 log = logging.getLogger(__name__)
 
@@ -53,52 +50,6 @@ def error_metadata(exc: APIError) -> tuple[tuple[str, str], ...]:
     return tuple((key, value) for key, value in fields if value and value.isascii())
 
 
-def parse_request(request_json: str, *, stream: bool) -> tuple[dict[str, Any], ChatCompletionRequest]:
-    """The raw OpenAI body (as the router forwards it) and its validated form.
-
-    The RPC decides whether to stream, not the body's ``stream`` field.
-    """
-    try:
-        raw = loads_json(request_json.encode("utf-8", "surrogatepass"), subject="request_json")
-    except APIError as exc:  # the same JSON policy as the HTTP routes; fields are named inside it
-        param = "request_json" if exc.param == "body" else f"request_json.{exc.param}"
-        raise bad_request(exc.message, param=param, code=exc.code) from None
-    if not isinstance(raw, dict):
-        raise bad_request("request_json must be a JSON object.", param="request_json")
-    if stream:
-        raw["stream"] = True
-    else:
-        raw.pop("stream", None)
-        raw.pop("stream_options", None)
-    try:
-        body = ChatCompletionRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise invalid_input(exc.errors(), what="request_json") from None
-    return raw, body
-
-
-def call_options(request: inference_pb2.CompletionRequest, body: ChatCompletionRequest) -> CallOptions:
-    """The typed options win over the body's ``openpipe`` field, which wins over ``store``
-    (the same order as the ``op-*`` headers over HTTP)."""
-    options = body.openpipe or OpenPipeOptions()
-    if request.HasField("log_request"):
-        log_request = request.log_request
-    elif options.logRequest is not None or options.log_request is not None:
-        log_request = bool(options.logRequest if options.logRequest is not None else options.log_request)
-    else:
-        log_request = bool(body.store)
-    cache = (
-        cache_mode(request.cache, "cache") if request.cache else cache_mode(options.cache, "openpipe.cache")
-    )
-    fallback = options.fallback
-    if request.HasField("fallback"):
-        if not request.fallback.model:
-            raise bad_request("fallback.model must name the model to fall back to.", param="fallback.model")
-        fallback = Fallback(model=request.fallback.model, timeout=request.fallback.timeout_ms or None)
-    tags = {**(options.tags or {}), **request.tags}
-    return CallOptions(log_request=log_request, cache=cache, tags=tags, fallback=fallback)
-
-
 async def _abort(context: grpc.aio.ServicerContext, exc: APIError) -> NoReturn:
     """End the call with the mapped code and the client-safe message (never a key)."""
     await context.abort(status_code(exc.status_code), exc.message, trailing_metadata=error_metadata(exc))
@@ -118,8 +69,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             project_id = resolve_grpc_project(
                 self.keyring, context.invocation_metadata(), self.internal_token
             )
-            raw, body = parse_request(request.request_json, stream=stream)
-            options = call_options(request, body)
+            raw, body = parse_rpc_request(request.request_json, stream=stream)
+            options = rpc_call_options(request, body)
         except APIError as exc:
             await _abort(context, exc)
         return project_id, raw, options
@@ -130,7 +81,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         project_id, raw, options = await self._prepare(request, context, stream=False)
         error: APIError | None = None
         try:
-            completion = await self.chat.complete(project_id=project_id, raw=raw, options=options)
+            completion = await self.chat.respond(
+                project_id=project_id, raw=raw, options=options, stream=False
+            )
         except APIError as exc:
             error = exc
         except Exception:
@@ -146,7 +99,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         project_id, raw, options = await self._prepare(request, context, stream=True)
         error: APIError | None = None
         try:
-            chunks = await self.chat.open_chunks(project_id=project_id, raw=raw, options=options)
+            chunks = await self.chat.respond(project_id=project_id, raw=raw, options=options, stream=True)
             async with aclosing(chunks):  # a caller that cancels still gets its call logged
                 async for chunk in chunks:
                     yield inference_pb2.CompletionChunk(chunk_json=orjson.dumps(chunk).decode())

@@ -1,4 +1,6 @@
-"""The OpenAI chat-completions wire format, plus OpenPipe's extensions, as pydantic models.
+"""The OpenAI chat-completions wire format, plus OpenPipe's extensions, as pydantic models, and
+how a request becomes a call: its body parsed and its ``CallOptions`` (one precedence for the
+HTTP ``op-*`` headers and the gRPC fields alike).
 
 Requests are validated here and then forwarded as the client's own JSON (unknown fields
 kept), so new OpenAI parameters pass through without a release. Responses are built as
@@ -7,9 +9,18 @@ plain dicts in the OpenAI shape: they come from upstreams already in that shape.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.common.errors import APIError, bad_request, invalid_input
+from services.common.http import loads_json
+
+if TYPE_CHECKING:
+    from services.common.grpc.distillery.v1 import inference_pb2
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 CacheMode = Literal["readWrite", "readOnly", "writeOnly"]
@@ -153,3 +164,159 @@ def upstream_body(raw: dict[str, Any]) -> dict[str, Any]:
 
 def error_chunk(message: str, *, type: str = "server_error", code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": None, "code": code}}
+
+
+# --- a request becomes a call ----------------------------------------------------------------------
+
+CACHE_MODES = ("readWrite", "readOnly", "writeOnly")
+MAX_CRITERIA = 10
+
+
+@dataclass
+class CallOptions:
+    """How to treat one call, from the body's ``openpipe`` field and the ``op-*`` headers."""
+
+    log_request: bool = False
+    cache: str | None = None  # readWrite | readOnly | writeOnly
+    tags: dict[str, Any] = field(default_factory=dict)
+    fallback: Fallback | None = None
+    criteria: tuple[str, ...] = ()  # op-criteria: best-of-N, see services/router/criteria.py
+
+    @property
+    def reads_cache(self) -> bool:
+        return self.cache in ("readWrite", "readOnly")
+
+    @property
+    def writes_cache(self) -> bool:
+        return self.cache in ("readWrite", "writeOnly")
+
+
+def parse_chat_request(payload: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    """An HTTP body: the client's JSON as sent (forwarded as is) and its validated form."""
+    raw = loads_json(payload)
+    if not isinstance(raw, dict):
+        raise bad_request("Request body must be a JSON object.")
+    try:
+        return raw, ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid_input(exc.errors()) from None
+
+
+def parse_rpc_request(request_json: str, *, stream: bool) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    """A gRPC ``request_json``: the raw OpenAI body and its validated form. The RPC decides
+    whether to stream, not the body's ``stream`` field."""
+    try:
+        raw = loads_json(request_json.encode("utf-8", "surrogatepass"), subject="request_json")
+    except APIError as exc:  # the same JSON policy as the HTTP routes; fields are named inside it
+        param = "request_json" if exc.param == "body" else f"request_json.{exc.param}"
+        raise bad_request(exc.message, param=param, code=exc.code) from None
+    if not isinstance(raw, dict):
+        raise bad_request("request_json must be a JSON object.", param="request_json")
+    if stream:
+        raw["stream"] = True
+    else:
+        raw.pop("stream", None)
+        raw.pop("stream_options", None)
+    try:
+        body = ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid_input(exc.errors(), what="request_json") from None
+    return raw, body
+
+
+def cache_mode(value: str | bool | None, source: str) -> str | None:
+    if value is None or value is False or str(value).lower() in DISABLED_CACHE:
+        return None
+    if value not in CACHE_MODES:
+        raise bad_request(f"{source} must be one of {', '.join(CACHE_MODES)}, got {value!r}.", param=source)
+    return str(value)
+
+
+def criteria_ids(header: str | None, body: list[str] | None) -> tuple[str, ...]:
+    """The ``op-criteria`` header (a JSON list of ids) or else the body's ``openpipe.criteria``."""
+    if header is None or not header.strip():
+        ids: Any = body or []
+    else:
+        try:
+            ids = orjson.loads(header)
+        except orjson.JSONDecodeError:
+            ids = None
+    if not isinstance(ids, list) or not all(isinstance(i, str) and i.strip() for i in ids):
+        raise bad_request(
+            'op-criteria must be a JSON list of criterion ids, e.g. ["tone@v2", "accuracy"].',
+            param="op-criteria",
+        )
+    if len(ids) > MAX_CRITERIA:
+        raise bad_request(f"op-criteria names at most {MAX_CRITERIA} criteria.", param="op-criteria")
+    return tuple(dict.fromkeys(i.strip() for i in ids))
+
+
+def _header_tags(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        tags = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        tags = None
+    if not isinstance(tags, dict):
+        raise bad_request("The op-tags header must be a JSON object.", param="op-tags")
+    return tags
+
+
+def call_options(
+    body: ChatCompletionRequest,
+    *,
+    log_request: bool | None = None,
+    cache: tuple[str | bool | None, str] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    fallback: Fallback | None = None,
+    criteria: tuple[str, ...] = (),
+) -> CallOptions:
+    """The transport's own controls (``op-*`` headers, gRPC fields; ``None``: not given) win over
+    the body's ``openpipe`` field, which wins over ``store``. ``cache`` is (value, its name)."""
+    options = body.openpipe or OpenPipeOptions()
+    if log_request is None:
+        if options.logRequest is not None or options.log_request is not None:
+            log_request = bool(options.logRequest if options.logRequest is not None else options.log_request)
+        else:
+            log_request = bool(body.store)
+    mode = cache_mode(*cache) if cache is not None else cache_mode(options.cache, "openpipe.cache")
+    return CallOptions(
+        log_request=log_request,
+        cache=mode,
+        tags={**(options.tags or {}), **(tags or {})},
+        fallback=fallback or options.fallback,
+        criteria=criteria,
+    )
+
+
+def http_call_options(headers: Mapping[str, str], body: ChatCompletionRequest) -> CallOptions:
+    """Options from the ``op-*`` headers over the body (best-of-N ``op-criteria``: router/criteria.py)."""
+    criteria = criteria_ids(headers.get("op-criteria"), (body.openpipe or OpenPipeOptions()).criteria)
+    if criteria and body.stream:
+        raise bad_request("op-criteria cannot be used with stream: true.", param="op-criteria")
+    header = headers.get("op-log-request")
+    header_cache = headers.get("op-cache")
+    return call_options(
+        body,
+        log_request=None if header is None else header.strip().lower() == "true",
+        cache=None if header_cache is None else (header_cache, "op-cache"),
+        tags=_header_tags(headers.get("op-tags")),
+        criteria=criteria,
+    )
+
+
+def rpc_call_options(request: inference_pb2.CompletionRequest, body: ChatCompletionRequest) -> CallOptions:
+    """Options from the typed ``CompletionRequest`` fields over the body."""
+    fallback = None
+    if request.HasField("fallback"):
+        if not request.fallback.model:
+            raise bad_request("fallback.model must name the model to fall back to.", param="fallback.model")
+        fallback = Fallback(model=request.fallback.model, timeout=request.fallback.timeout_ms or None)
+    return call_options(
+        body,
+        log_request=request.log_request if request.HasField("log_request") else None,
+        cache=(request.cache, "cache") if request.cache else None,
+        tags=dict(request.tags),
+        fallback=fallback,
+    )

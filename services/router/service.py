@@ -20,7 +20,7 @@ from services.common.pruning import apply_pruning_rules
 from services.router import moa
 from services.router.cache import ResponseCache, cache_key
 from services.router.log_shipper import LogShipper
-from services.router.protocol import Fallback, error_chunk, upstream_body
+from services.router.protocol import CallOptions, error_chunk, upstream_body
 from services.router.providers.anthropic import AnthropicProvider
 from services.router.providers.base import Provider
 from services.router.providers.gemini import GeminiProvider
@@ -33,25 +33,6 @@ log = logging.getLogger(__name__)
 # Resolver misses that a catalog record still on its way over catalog.v1 would turn into a route.
 CATALOG_MISSES = ("model_not_found", "provider_key_missing")
 T = TypeVar("T")
-
-
-@dataclass
-class CallOptions:
-    """How to treat one call, from the body's ``openpipe`` field and the ``op-*`` headers."""
-
-    log_request: bool = False
-    cache: str | None = None  # readWrite | readOnly | writeOnly
-    tags: dict[str, Any] = field(default_factory=dict)
-    fallback: Fallback | None = None
-    criteria: tuple[str, ...] = ()  # op-criteria: best-of-N, see services/router/criteria.py
-
-    @property
-    def reads_cache(self) -> bool:
-        return self.cache in ("readWrite", "readOnly")
-
-    @property
-    def writes_cache(self) -> bool:
-        return self.cache in ("readWrite", "writeOnly")
 
 
 @dataclass
@@ -231,12 +212,14 @@ class ChatService:
 
     # --- streaming -----------------------------------------------------------------------------
 
-    async def open_stream(
-        self, *, project_id: str, raw: dict[str, Any], options: CallOptions
-    ) -> AsyncIterator[bytes]:
-        """``open_chunks`` as server-sent events: an error mid-stream becomes an error event,
-        and the stream always ends with ``[DONE]``."""
-        return _as_sse(await self.open_chunks(project_id=project_id, raw=raw, options=options))
+    async def respond(
+        self, *, project_id: str, raw: dict[str, Any], options: CallOptions, stream: bool
+    ) -> dict[str, Any] | AsyncGenerator[dict[str, Any], None]:
+        """The one entry point of every transport (fast path, FastAPI view, gRPC): a completion,
+        or when ``stream`` its chunks (``open_chunks``; HTTP sends them through ``as_sse``)."""
+        if stream:
+            return await self.open_chunks(project_id=project_id, raw=raw, options=options)
+        return await self.complete(project_id=project_id, raw=raw, options=options)
 
     async def open_chunks(
         self, *, project_id: str, raw: dict[str, Any], options: CallOptions
@@ -355,7 +338,9 @@ class ChatService:
         )
 
 
-async def _as_sse(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[bytes]:
+async def as_sse(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[bytes]:
+    """Chunks as server-sent events: an error mid-stream becomes an error event, and the stream
+    always ends with ``[DONE]``."""
     async with aclosing(chunks):  # a client that leaves early still gets its call logged now
         try:
             async for chunk in chunks:
