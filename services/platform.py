@@ -32,6 +32,7 @@ from services.common.errors import error_body, install_error_handlers
 from services.common.http import API_PREFIX, BodySizeLimit
 from services.common.kafka import ensure_topics, make_broker
 from services.common.rpc import StrictRequests
+from services.common.secrets import load_or_create_key
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,22 @@ def import_services(services: tuple[str, ...] = SERVICES) -> None:
     """Import every service's wiring module (the bulk of start-up CPU), e.g. while stores start."""
     for name in services:
         importlib.import_module(f"services.{name}.app")
+
+
+class Shared:
+    """Typed dependencies that more than one service's wiring uses, created on first use, so the
+    order in which services are set up does not matter (``platform.state`` holds the rest)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._secret_key: bytes | None = None
+
+    @property
+    def secret_key(self) -> bytes:
+        """Seals provider secrets: the api writes them with it, the router opens them."""
+        if self._secret_key is None:
+            self._secret_key = load_or_create_key(self._settings)
+        return self._secret_key
 
 
 class Platform:
@@ -61,6 +78,7 @@ class Platform:
         self.on_stopping: list[Hook] = []  # before the broker stops (flush what must be published)
         self.on_stop: list[Hook] = []  # after it stops (close stores)
         self.state: dict[str, Any] = {}
+        self.shared = Shared(settings)
         self.grpc_server: grpc.aio.Server | None = None
         # Set on SIGINT/SIGTERM: from then on every new request gets a 503 with Retry-After.
         self.stopping = False

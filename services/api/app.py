@@ -28,7 +28,7 @@ from services.api.relabel.consumers import register_results_consumer
 from services.api.relabel.views import router as relabel_router
 from services.common.db import make_engine, make_sessionmaker, migrate
 from services.common.http import API_PREFIX, exempt_from_body_limit
-from services.common.secrets import internal_token, load_or_create_key
+from services.common.secrets import internal_token
 
 if TYPE_CHECKING:
     from services.platform import Platform
@@ -44,7 +44,7 @@ async def setup(platform: Platform) -> None:
     sessions = make_sessionmaker(engine)
     platform.state["sessions"] = sessions
     # Seals provider secrets in the catalog and on catalog.v1; consumers load the same key.
-    secret_key = load_or_create_key(settings)
+    secret_key = platform.shared.secret_key
     if settings.secret_key is None and settings.database_url:
         log.warning(
             "DISTILLERY_SECRET_KEY is not set: provider secrets are sealed with %s; every api and "

@@ -6,7 +6,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from services.common.http import API_PREFIX, BodySizeLimit
-from services.common.secrets import internal_token, load_or_create_key
+from services.common.secrets import internal_token
 from services.router import inference_rpc
 from services.router.cache import make_cache
 from services.router.catalog import RouterCatalog
@@ -15,7 +15,7 @@ from services.router.embeddings import setup_embeddings
 from services.router.fastpath import ChatCompletionsEndpoint
 from services.router.log_shipper import LogShipper
 from services.router.routing import ModelResolver
-from services.router.service import ChatService
+from services.router.service import ChatService, RouterDeps
 from services.router.upstream import RetryPolicy, Upstream
 from services.router.views import router
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 async def setup(platform: Platform) -> None:
     settings = platform.settings
-    secret_key = platform.state.get("secret_key") or load_or_create_key(settings)
+    secret_key = platform.shared.secret_key
     platform.state["secret_key"] = secret_key
     catalog = RouterCatalog(secret_key)
     platform.catalog.handlers.append(catalog.apply)
@@ -46,17 +46,19 @@ async def setup(platform: Platform) -> None:
         max_concurrency=settings.project_max_concurrency,
     )
     chat.catalog_sync = partial(platform.catalog.sync, timeout=1.0)  # read your writes across processes
+    deps = RouterDeps(chat)
+    platform.state["router_deps"] = deps
     platform.state["chat"] = chat
     setup_best_of_n(platform, chat)  # op-criteria: judge every choice, sort by score
     platform.routers.append(router)
-    endpoint = ChatCompletionsEndpoint(keyring=platform.keyring, chat=chat)
+    endpoint = ChatCompletionsEndpoint(keyring=platform.keyring, deps=deps)
     platform.fast_routes[("POST", f"{API_PREFIX}/chat/completions")] = BodySizeLimit(
         endpoint, settings.max_body_bytes
     )
     platform.grpc_servicers.append(
         partial(
             inference_rpc.add_to_server,
-            chat=chat,
+            deps=deps,
             keyring=platform.keyring,
             internal_token=internal_token(settings),
         )

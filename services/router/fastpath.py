@@ -16,7 +16,7 @@ from services.common.auth import KeyRing, resolve_project
 from services.common.errors import APIError
 from services.common.http import bearer_header, read_body, send_bytes, send_error
 from services.router.protocol import http_call_options, parse_chat_request
-from services.router.service import ChatService, as_sse
+from services.router.service import RouterDeps, as_sse
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 STREAM_HEADERS = [
@@ -26,16 +26,16 @@ STREAM_HEADERS = [
 
 
 class ChatCompletionsEndpoint:
-    def __init__(self, *, keyring: KeyRing, chat: ChatService) -> None:
+    def __init__(self, *, keyring: KeyRing, deps: RouterDeps) -> None:
         self.keyring = keyring
-        self.chat = chat
+        self.deps = deps
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             project_id = resolve_project(self.keyring, bearer_header(scope))
             raw, body = parse_chat_request(await read_body(receive))
             options = http_call_options(Headers(scope=scope), body)
-            result = await self.chat.respond(
+            result = await self.deps.chat.respond(
                 project_id=project_id, raw=raw, options=options, stream=bool(body.stream)
             )
         except APIError as exc:

@@ -20,7 +20,7 @@ from services.common.auth import KeyRing, resolve_grpc_project
 from services.common.errors import APIError
 from services.common.grpc.distillery.v1 import inference_pb2, inference_pb2_grpc
 from services.router.protocol import CallOptions, parse_rpc_request, rpc_call_options
-from services.router.service import ChatService
+from services.router.service import RouterDeps
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: APIError) -> NoReturn:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, chat: ChatService, keyring: KeyRing, internal_token: str | None = None) -> None:
-        self.chat = chat
+    def __init__(self, deps: RouterDeps, keyring: KeyRing, internal_token: str | None = None) -> None:
+        self.deps = deps
         self.keyring = keyring
         self.internal_token = internal_token
 
@@ -81,7 +81,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         project_id, raw, options = await self._prepare(request, context, stream=False)
         error: APIError | None = None
         try:
-            completion = await self.chat.respond(
+            completion = await self.deps.chat.respond(
                 project_id=project_id, raw=raw, options=options, stream=False
             )
         except APIError as exc:
@@ -99,7 +99,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         project_id, raw, options = await self._prepare(request, context, stream=True)
         error: APIError | None = None
         try:
-            chunks = await self.chat.respond(project_id=project_id, raw=raw, options=options, stream=True)
+            chunks = await self.deps.chat.respond(
+                project_id=project_id, raw=raw, options=options, stream=True
+            )
             async with aclosing(chunks):  # a caller that cancels still gets its call logged
                 async for chunk in chunks:
                     yield inference_pb2.CompletionChunk(chunk_json=orjson.dumps(chunk).decode())
@@ -113,9 +115,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 
 def add_to_server(
-    server: grpc.aio.Server, *, chat: ChatService, keyring: KeyRing, internal_token: str | None = None
+    server: grpc.aio.Server, *, deps: RouterDeps, keyring: KeyRing, internal_token: str | None = None
 ) -> None:
     """``internal_token`` lets Distillery's own services (relabel, judge, eval) call for a project."""
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(chat, keyring, internal_token), server
+        InferenceServicer(deps, keyring, internal_token), server
     )

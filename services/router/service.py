@@ -338,6 +338,14 @@ class ChatService:
         )
 
 
+@dataclass
+class RouterDeps:
+    """What every chat transport (fast path, FastAPI views, gRPC) reads per call, wired once in
+    ``app.py``: replacing ``chat`` here replaces it for all of them."""
+
+    chat: ChatService
+
+
 async def as_sse(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[bytes]:
     """Chunks as server-sent events: an error mid-stream becomes an error event, and the stream
     always ends with ``[DONE]``."""

@@ -27,7 +27,7 @@ class CheckCacheRequest(BaseModel):
 
 
 async def chat_service(request: Request) -> ChatService:
-    return request.app.state.chat
+    return request.app.state.router_deps.chat  # the RouterDeps the fast path and gRPC read too
 
 
 async def _json_body(request: Request) -> Any:
