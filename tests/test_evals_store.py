@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from services.api.evals.models import Eval, EvalResult, EvalRowOutput
-from services.api.evals.service import apply_events, now
+from services.api.evals.service import apply_events
 from services.api.projects import service as projects
+from services.common.clock import now
 from services.common.db import make_engine, make_sessionmaker, migrate
 from services.common.events import EvalEvent, EvalOutput, EvalScore
 

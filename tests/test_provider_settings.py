@@ -39,7 +39,7 @@ from services.common.secrets import (
 )
 from services.common.settings import Settings
 from tests.conftest import Project, RunningPlatform, wait_until
-from tests.test_ingest_errors import assert_error
+from tests.helpers import assert_error
 
 
 def plain_key(name: str) -> str:

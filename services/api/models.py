@@ -14,12 +14,12 @@ from services.api.datasets.models import (
     DatasetEntryRevision,
     DatasetJob,
     DatasetSnapshot,
-    PruningRule,
 )
 from services.api.evals.models import Eval, EvalAppliedEvent, EvalOutputRecord, EvalResult, EvalRowOutput
 from services.api.fine_tuning.models import FineTunedModel, JobCheckpoint, JobEvent, TrainingFile, TrainingJob
 from services.api.projects.models import ApiKey, Project
 from services.api.providers.models import Deployment, ExternalModel, ExternalProvider, ProviderKeys
+from services.api.pruning.models import PruningRule
 from services.api.relabel.models import RelabelOutcome
 
 __all__ = [

@@ -14,8 +14,6 @@ from typing import Any, Literal
 from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-# Transitional: services/api/models.py (being edited by its owner) still imports the table from here.
-from services.api.pruning.models import PruningRule  # noqa: F401
 from services.common.db import Base
 
 Split = Literal["TRAIN", "TEST"]

@@ -13,7 +13,7 @@ import hashlib
 import math
 import random
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.datasets.models import DatasetEntry
 from services.api.datasets.rows import estimate_tokens
-from services.api.datasets.service import get_dataset, new_id
+from services.api.datasets.service import get_dataset
 from services.api.evals.models import Eval, EvalAppliedEvent, EvalOutputRecord, EvalResult, EvalRowOutput
 from services.api.evals.schemas import (
     ORIGINAL,
@@ -40,6 +40,7 @@ from services.api.evals.schemas import (
     evaluator_name,
 )
 from services.api.providers.models import Deployment, ExternalModel, ExternalProvider
+from services.common.clock import iso_z, now
 from services.common.errors import APIError, bad_request, not_found
 from services.common.events import (
     CATALOG_TOPIC,
@@ -51,22 +52,11 @@ from services.common.events import (
     EvalRequest,
     EvalRow,
 )
+from services.common.ids import new_id
 from services.eval.graders import validate_grader
 
 BATCH_SIZE = 100  # rows per eval.requests.v1 message: the unit of redelivery after a crash
 MODEL_GRADERS = ("score_model", "label_model")
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.isoformat().replace("+00:00", "Z")
 
 
 def eval_out(record: Eval) -> EvalOut:
@@ -82,9 +72,9 @@ def eval_out(record: Eval) -> EvalOut:
         progress=Progress(done=record.progress_done, total=record.progress_total),
         estimatedCost=record.estimated_cost,
         error=record.error,
-        created=iso(record.created_at) or "",
-        updated=iso(record.updated_at) or "",
-        finishedAt=iso(record.finished_at),
+        created=iso_z(record.created_at) or "",
+        updated=iso_z(record.updated_at) or "",
+        finishedAt=iso_z(record.finished_at),
     )
 
 
