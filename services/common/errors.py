@@ -84,10 +84,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     if errors and errors[0].get("type") == "json_invalid":
         reason = (errors[0].get("ctx") or {}).get("error", "malformed JSON")
         return f"Request body is not valid JSON: {reason} (at byte {errors[0]['loc'][-1]})", "body"
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-    param = _location(tuple(first.get("loc", ())))
-    details = "; ".join(f"{_location(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors[:5])
-    return f"Input validation failed: {details}", param
+    error = invalid_input(errors)
+    return error.message, error.param or "body"
 
 
 def install_error_handlers(app: FastAPI) -> None:
