@@ -56,6 +56,15 @@ async def _abort(context: grpc.aio.ServicerContext, exc: APIError) -> NoReturn:
     raise AssertionError("unreachable: context.abort raises")
 
 
+def _client_error(exc: Exception, rpc: str) -> APIError:
+    """What the caller gets for ``exc``: an ``APIError`` as it is, anything else a logged 500.
+    Call it in the ``except`` block (the log keeps the traceback)."""
+    if isinstance(exc, APIError):
+        return exc
+    log.exception("Inference.%s failed", rpc)
+    return APIError(500, INTERNAL_ERROR, type="server_error")
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, deps: RouterDeps, keyring: KeyRing, internal_token: str | None = None) -> None:
         self.deps = deps
@@ -84,11 +93,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             completion = await self.deps.chat.respond(
                 project_id=project_id, raw=raw, options=options, stream=False
             )
-        except APIError as exc:
-            error = exc
-        except Exception:
-            log.exception("Inference.Complete failed")
-            error = APIError(500, INTERNAL_ERROR, type="server_error")
+        except Exception as exc:
+            error = _client_error(exc, "Complete")
         if error is not None:
             await _abort(context, error)
         return inference_pb2.CompletionResponse(completion_json=orjson.dumps(completion).decode())
@@ -105,11 +111,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async with aclosing(chunks):  # a caller that cancels still gets its call logged
                 async for chunk in chunks:
                     yield inference_pb2.CompletionChunk(chunk_json=orjson.dumps(chunk).decode())
-        except APIError as exc:
-            error = exc
-        except Exception:
-            log.exception("Inference.StreamComplete failed")
-            error = APIError(500, INTERNAL_ERROR, type="server_error")
+        except Exception as exc:
+            error = _client_error(exc, "StreamComplete")
         if error is not None:
             await _abort(context, error)
 
