@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.api.log_imports.models import ImportFilters
+from services.api.log_imports.schemas import ImportFilters
 from services.common import tracing
 from services.common.auth import INTERNAL_TOKEN_HEADER, PROJECT_HEADER
 from services.common.grpc.distillery.v1 import logs_pb2

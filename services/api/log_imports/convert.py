@@ -11,7 +11,7 @@ import orjson
 from services.api.datasets.bulk import PLACEHOLDER_MOMENT, EntryRow, entry_row
 from services.api.datasets.rows import EntryDraft, EntryError, parse_entry
 from services.api.datasets.service import draft_values, entry_ids
-from services.api.log_imports.models import SOURCE
+from services.api.log_imports.schemas import SOURCE
 from services.common.grpc.distillery.v1 import logs_pb2
 
 OUTPUT_KEYS = ("role", "content", "tool_calls", "function_call", "name")

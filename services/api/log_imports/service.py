@@ -40,7 +40,7 @@ from services.api.datasets.models import Dataset, DatasetJob
 from services.api.datasets.service import get_dataset, insert_entries
 from services.api.log_imports.client import SEARCH_BATCHES, LogImporter, grpc_filters, rpc_problem
 from services.api.log_imports.convert import Converted, convert_batch
-from services.api.log_imports.models import JOB_KIND, ImportLogsRequest
+from services.api.log_imports.schemas import JOB_KIND, ImportLogsRequest
 from services.common.clock import now
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
 

@@ -12,7 +12,7 @@ from services.api.datasets import jobs
 from services.api.datasets.schemas import JobOut
 from services.api.datasets.service import job_out
 from services.api.log_imports import service
-from services.api.log_imports.models import ImportLogsRequest
+from services.api.log_imports.schemas import ImportLogsRequest
 from services.common.auth import require_project
 
 router = APIRouter(tags=["datasets"])
