@@ -35,7 +35,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.api.dataset_files.models import DatasetExportOut, DatasetSnapshotOut
+from services.api.dataset_files.schemas import DatasetExportOut, DatasetSnapshotOut
 from services.api.dataset_files.spool import SpooledFile
 from services.api.datasets.jobs import create_job, finish, record_progress
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob, DatasetSnapshot

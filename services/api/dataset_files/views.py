@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.dataset_files import service
-from services.api.dataset_files.models import DatasetSnapshotList, DatasetSnapshotOut
+from services.api.dataset_files.schemas import DatasetSnapshotList, DatasetSnapshotOut
 from services.api.dataset_files.spool import spool_upload
 from services.api.datasets.jobs import run_in_background
 from services.api.datasets.models import DatasetSnapshot
