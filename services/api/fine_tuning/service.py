@@ -76,6 +76,7 @@ from services.common.events import (
     TrainingHyperparameters,
     TrainingRequest,
 )
+from services.common.ids import new_id
 from services.common.model_store import model_blob_prefix
 
 log = logging.getLogger(__name__)
@@ -641,7 +642,7 @@ async def start_training(
     hyper.seed = seed
     failed = start.failure is not None
     model = FineTunedModel(
-        id=f"ftm_{secrets.token_hex(10)}",
+        id=new_id("ftm"),
         project_id=start.project_id,
         slug=start.slug,
         description=None,
