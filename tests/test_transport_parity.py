@@ -91,3 +91,16 @@ async def test_chat_completions_through_both_transports(ready: Project, views: h
         ]
         assert [e.status_code for e in errors] == [400, 400]
         assert errors[0].json() == errors[1].json()
+
+
+async def test_judge_through_both_transports(project: Project, views: httpx.AsyncClient) -> None:
+    body = {"criterion_id": "no-such-criterion", "output": {"role": "assistant", "content": "hi"}}
+    async with project.client() as fast:
+        unknown = [(await client.post("/criteria/judge", json=body)) for client in (fast, views)]
+        bad = [(await client.post("/criteria/judge", json={"output": {}})) for client in (fast, views)]
+    assert [r.status_code for r in unknown] == [404, 404]
+    assert (
+        unknown[0].json() == unknown[1].json() and unknown[0].json()["error"]["code"] == "criterion_not_found"
+    )
+    assert [r.status_code for r in bad] == [400, 400]
+    assert bad[0].json()["error"]["param"] == bad[1].json()["error"]["param"] == "criterion_id"

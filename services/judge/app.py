@@ -13,8 +13,9 @@ from services.common.secrets import internal_token
 from services.judge import judge_rpc
 from services.judge.client import router_caller
 from services.judge.criteria import CriteriaCatalog, catalog_sync
+from services.judge.fastpath import JudgeEndpoint
 from services.judge.service import Judge, JudgementRecorder
-from services.judge.views import JudgeEndpoint, router
+from services.judge.views import router
 from services.relabel.service import InferenceClient
 
 if TYPE_CHECKING:

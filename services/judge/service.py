@@ -25,9 +25,11 @@ from typing import Any, Literal
 import orjson
 
 from services.common import metrics
+from services.common.errors import APIError
 from services.common.events import JudgementEvent
 from services.ingest.pricing import cost_usd
 from services.judge.criteria import CriterionVersion
+from services.judge.protocol import JudgeBody, JudgeOut, JudgeUsageOut
 
 log = logging.getLogger(__name__)
 
@@ -459,3 +461,32 @@ class JudgementRecorder:
     async def stop(self) -> None:
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+
+# --- POST /criteria/judge (fastpath.py and views.py) -------------------------------------------
+
+
+async def judge_once(service: Any, project_id: str, body: JudgeBody) -> tuple[JudgeOut, float]:
+    """The verdict and the seconds spent waiting for the judge model. Unknown criterion or version:
+    404 ``criterion_not_found``. A judge model that fails after retries: its status (429 rate
+    limited, 400 when the judge model cannot be routed, 422 ``invalid_judgement`` when its reply
+    stayed malformed, else 502), with ``code`` saying why."""
+    criterion = await service.catalog.resolve(project_id, body.criterion_id)
+    row_input = body.input.model_dump(exclude_none=True) if body.input else {}
+    output = body.output.model_dump(exclude_none=True)
+    verdict = await service.judge.judge(project_id, criterion, row_input, output, source="api")
+    if verdict.status != "success":
+        raise APIError(
+            verdict.error_status,
+            verdict.error_message or "The judge model failed.",
+            type="server_error" if verdict.error_status >= 500 else "invalid_request_error",
+            code=verdict.error_code,
+        )
+    out = JudgeOut(
+        score=verdict.score,
+        explanation=verdict.explanation,
+        usage=JudgeUsageOut(**verdict.usage.as_dict()),
+        criterion_id=criterion.id,
+        judgement=verdict.judgement or "",
+    )
+    return out, verdict.usage.model_seconds

@@ -2,7 +2,7 @@
 
 Every route is scoped to the caller's project. Writes to a criterion publish its ``catalog.v1``
 record before the transaction commits (the judge and the router read criteria from there).
-``POST /criteria/judge`` belongs to the judge service (``services/judge/views.py``).
+``POST /criteria/judge`` belongs to the judge service (``services/judge/fastpath.py``, ``views.py``).
 """
 
 from __future__ import annotations
