@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from services.common.grpc.distillery.v1 import inference_pb2
 from services.common.kafka import free_port
-from services.router import inference_rpc as inference
+from services.common.rpc import status_code
 from tests.conftest import Project, RunningPlatform, wait_for_count, wait_until
 from tests.fake_upstream import ANTHROPIC_KEY, GEMINI_KEY, OPENAI_KEY, FakeUpstream
 from tests.helpers import MESSAGES, Stub, auth, trailing
@@ -450,4 +450,4 @@ def test_http_statuses_map_to_grpc_codes() -> None:
         409: grpc.StatusCode.INTERNAL,
         500: grpc.StatusCode.INTERNAL,
     }
-    assert {status: inference.status_code(status) for status in expected} == expected
+    assert {status: status_code(status) for status in expected} == expected

@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from services.common.errors import APIError
+
 Deserializer = Callable[[bytes], Any]
 Decoder = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -78,3 +80,29 @@ class StrictRequests(grpc.aio.ServerInterceptor):
                 )
 
         return decode
+
+
+# --- the error envelope over gRPC: the HTTP status's code, the rest as trailing metadata ----------
+
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_code(http_status: int) -> grpc.StatusCode:
+    """The gRPC code for the HTTP status the same call would get over HTTP."""
+    return STATUS_CODES.get(http_status, grpc.StatusCode.INTERNAL)
+
+
+def error_metadata(exc: APIError) -> tuple[tuple[str, str], ...]:
+    """The rest of the OpenAI error envelope (type, code, param) as trailing metadata."""
+    fields = (("error-type", exc.type), ("error-code", exc.code), ("error-param", exc.param))
+    return tuple((key, value) for key, value in fields if value and value.isascii())

@@ -15,9 +15,9 @@ import orjson
 from services.common.auth import KeyRing, resolve_grpc_project
 from services.common.errors import APIError, bad_request
 from services.common.grpc.distillery.v1 import judge_pb2, judge_pb2_grpc
+from services.common.rpc import error_metadata, status_code
 from services.judge.criteria import CriteriaCatalog
 from services.judge.service import Judge, Usage
-from services.router.inference_rpc import error_metadata, status_code
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from services.common.events import LogEvent
 from services.common.grpc.distillery.v1 import embeddings_pb2, embeddings_pb2_grpc
 from services.common.http import openapi_json_body
 from services.common.log_fields import merge_metadata, new_log_id
-from services.router.inference_rpc import error_metadata, status_code
+from services.common.rpc import error_metadata, status_code
 from services.router.protocol import cache_mode
 from services.router.routing import Route
 from services.router.service import ChatService

@@ -19,35 +19,13 @@ import orjson
 from services.common.auth import KeyRing, resolve_grpc_project
 from services.common.errors import APIError
 from services.common.grpc.distillery.v1 import inference_pb2, inference_pb2_grpc
+from services.common.rpc import error_metadata, status_code
 from services.router.protocol import CallOptions, parse_rpc_request, rpc_call_options
 from services.router.service import RouterDeps
 
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "The inference router failed unexpectedly. Retry later."
-
-STATUS_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    499: grpc.StatusCode.CANCELLED,
-    502: grpc.StatusCode.UNAVAILABLE,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
-def status_code(http_status: int) -> grpc.StatusCode:
-    """The gRPC code for the HTTP status the same call would get over HTTP."""
-    return STATUS_CODES.get(http_status, grpc.StatusCode.INTERNAL)
-
-
-def error_metadata(exc: APIError) -> tuple[tuple[str, str], ...]:
-    """The rest of the OpenAI error envelope (type, code, param) as trailing metadata."""
-    fields = (("error-type", exc.type), ("error-code", exc.code), ("error-param", exc.param))
-    return tuple((key, value) for key, value in fields if value and value.isascii())
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: APIError) -> NoReturn:
