@@ -455,9 +455,9 @@ def test_rendering_templates_only_the_chosen_fields() -> None:
 
 async def test_judge_alone_reaches_the_router_over_grpc(judged: Project, running: RunningPlatform) -> None:
     """The judge service deployed alone calls judge models through the router's gRPC Inference."""
+    from services.common.inference_client import InferenceClient
     from services.common.secrets import internal_token
     from services.judge.client import router_caller
-    from services.relabel.service import InferenceClient
 
     client = InferenceClient(f"127.0.0.1:{running.settings.grpc_port}", internal_token(running.settings))
     try:

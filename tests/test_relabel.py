@@ -130,8 +130,9 @@ async def test_another_projects_dataset_is_404(ready: Project, make_project) -> 
 async def test_internal_callers_need_the_install_token(ready: Project, running) -> None:  # noqa: F811
     """The worker calls Inference with the internal token; a wrong one is refused and not retried."""
     from services.common.events import RelabelItem, RelabelRequest
+    from services.common.inference_client import InferenceClient
     from services.common.secrets import internal_token
-    from services.relabel.service import InferenceClient, relabel_item
+    from services.relabel.service import relabel_item
 
     target = running.settings.resolved_router_grpc_url()
     batch = RelabelRequest(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent
 from services.common.http import API_PREFIX, BodySizeLimit
+from services.common.inference_client import InferenceClient
 from services.common.secrets import internal_token
 from services.judge import judge_rpc
 from services.judge.client import router_caller
@@ -16,7 +17,6 @@ from services.judge.criteria import CriteriaCatalog, catalog_sync
 from services.judge.fastpath import JudgeEndpoint
 from services.judge.service import Judge, JudgementRecorder
 from services.judge.views import router
-from services.relabel.service import InferenceClient
 
 if TYPE_CHECKING:
     from services.platform import Platform

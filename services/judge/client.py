@@ -10,8 +10,8 @@ import orjson
 
 from services.common.auth import INTERNAL_TOKEN_HEADER, PROJECT_HEADER
 from services.common.grpc.distillery.v1 import judge_pb2, judge_pb2_grpc
+from services.common.inference_client import InferenceClient
 from services.judge.service import ModelCaller, ModelError
-from services.relabel.service import InferenceClient
 
 RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ("rate_limited", 429),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from services.common.inference_client import InferenceClient
 from services.common.secrets import internal_token
 from services.relabel.consumers import register_relabel_worker
-from services.relabel.service import InferenceClient
 
 if TYPE_CHECKING:
     from services.platform import Platform

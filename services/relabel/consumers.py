@@ -14,8 +14,9 @@ from faststream.kafka import KafkaBroker
 
 from services.common.dlq import subscribe_with_dlq
 from services.common.events import RELABEL_REQUESTS_TOPIC, RELABEL_RESULTS_TOPIC, RelabelRequest
+from services.common.inference_client import InferenceClient
 from services.common.settings import Settings
-from services.relabel.service import InferenceClient, relabel_item
+from services.relabel.service import relabel_item
 
 log = logging.getLogger(__name__)
 

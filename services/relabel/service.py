@@ -7,12 +7,9 @@ import logging
 import random
 
 import grpc
-import orjson
 
-from services.common import tracing
-from services.common.auth import INTERNAL_TOKEN_HEADER, PROJECT_HEADER
 from services.common.events import RelabelItem, RelabelRequest, RelabelResult
-from services.common.grpc.distillery.v1 import inference_pb2, inference_pb2_grpc
+from services.common.inference_client import InferenceClient, completion_output
 
 log = logging.getLogger(__name__)
 
@@ -28,40 +25,9 @@ RETRYABLE = frozenset(
 REQUEST_FIELDS = ("messages", "tools", "tool_choice", "response_format")
 
 
-class InferenceClient:
-    """The router's gRPC ``Inference``, called as an internal service on a project's behalf."""
-
-    def __init__(self, target: str, internal_token: str, *, timeout: float = 300.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target, interceptors=[tracing.ClientTracing()])
-        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
-        self._token = internal_token
-        self.timeout = timeout
-
-    async def complete(self, project_id: str, request: dict) -> dict:
-        response = await self._stub.Complete(
-            inference_pb2.CompletionRequest(request_json=orjson.dumps(request).decode(), log_request=False),
-            metadata=((INTERNAL_TOKEN_HEADER, self._token), (PROJECT_HEADER, project_id)),
-            timeout=self.timeout,
-        )
-        return orjson.loads(response.completion_json)
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-
 def _request_for(item: RelabelItem, model: str) -> dict:
     request = {k: v for k, v in item.request.items() if k in REQUEST_FIELDS and v is not None}
     return {**request, "model": model}
-
-
-def _output(completion: dict) -> dict:
-    message = dict((completion.get("choices") or [{}])[0].get("message") or {})
-    if not message:
-        raise ValueError("the model returned no message")
-    output = {"role": "assistant", "content": message.get("content")}
-    if message.get("tool_calls"):
-        output["tool_calls"] = message["tool_calls"]
-    return output
 
 
 async def relabel_item(
@@ -85,7 +51,7 @@ async def relabel_item(
     for attempt in range(1, attempts + 1):
         try:
             completion = await client.complete(batch.project_id, _request_for(item, batch.model))
-            result.output = _output(completion)
+            result.output = completion_output(completion)
             return result
         except grpc.aio.AioRpcError as exc:
             if exc.code() in RETRYABLE and attempt < attempts:

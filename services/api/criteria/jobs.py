@@ -24,8 +24,8 @@ from services.api.datasets import jobs as dataset_jobs
 from services.api.datasets.models import DatasetEntry, DatasetJob
 from services.api.datasets.service import replace_output
 from services.common.clock import now
+from services.common.inference_client import InferenceClient, completion_output
 from services.judge.client import JudgeClient
-from services.relabel.service import InferenceClient, _output
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ async def generate_alignment_rows(
             request["response_format"] = entry.response_format
         async with slots:
             try:
-                output = _output(await w.inference.complete(project_id, request))
+                output = completion_output(await w.inference.complete(project_id, request))
             except (grpc.aio.AioRpcError, ValueError) as exc:
                 message = _rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 await _job_progress(w.sessions, job_id, error={"entry_id": entry.id, "message": message})
@@ -172,7 +172,7 @@ async def _candidates(
     answers = await asyncio.gather(
         *(w.inference.complete(project_id, request) for _ in range(k)), return_exceptions=True
     )
-    candidates = [Candidate(_output(a)) for a in answers if isinstance(a, dict)]
+    candidates = [Candidate(completion_output(a)) for a in answers if isinstance(a, dict)]
     if not candidates:
         first = next(a for a in answers if isinstance(a, BaseException))
         raise ValueError(_rpc_error(first) if isinstance(first, grpc.aio.AioRpcError) else str(first))

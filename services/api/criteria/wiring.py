@@ -12,10 +12,10 @@ from services.api.criteria.jobs import Workers
 from services.api.criteria.views import UPLOAD_PATH, router
 from services.api.providers.service import publish
 from services.common.http import API_PREFIX, exempt_from_body_limit
+from services.common.inference_client import InferenceClient
 from services.common.secrets import internal_token
 from services.judge.client import JudgeClient
 from services.judge.criteria import catalog_sync
-from services.relabel.service import InferenceClient
 
 if TYPE_CHECKING:
     from services.platform import Platform
