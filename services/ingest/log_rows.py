@@ -18,7 +18,7 @@ import orjson
 
 from services.common import anthropic_format
 from services.common.events import MAX_STATUS_CODE, MAX_UNIX_MS, LogEvent
-from services.ingest.pricing import cost_usd
+from services.common.pricing import cost_usd
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 _UnixMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_UNIX_MS)]

@@ -27,7 +27,7 @@ import orjson
 from services.common import metrics
 from services.common.errors import APIError
 from services.common.events import JudgementEvent
-from services.ingest.pricing import cost_usd
+from services.common.pricing import cost_usd
 from services.judge.criteria import CriterionVersion
 from services.judge.protocol import JudgeBody, JudgeOut, JudgeUsageOut
 
