@@ -8,7 +8,6 @@ it has already applied. A message that is not an EvalRequest goes to ``eval.requ
 from __future__ import annotations
 
 import logging
-import time
 
 from aiokafka import ConsumerRecord
 from faststream import AckPolicy
@@ -16,10 +15,10 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from pydantic import ValidationError
 
 from services.common import metrics
+from services.common.dlq import dead_letter
 from services.common.events import (
     EVAL_EVENTS_TOPIC,
     EVAL_REQUESTS_TOPIC,
-    DeadLetter,
     EvalEvent,
     EvalRequest,
     dlq_topic,
@@ -30,19 +29,6 @@ from services.eval.service import EvalWorker
 log = logging.getLogger(__name__)
 
 WORKER_GROUP = "eval-workers"
-
-
-def dead_letter(record: ConsumerRecord, reason: str) -> DeadLetter:
-    value = record.value or b""
-    return DeadLetter(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        reason=reason[:2000],
-        key=record.key.decode(errors="replace") if record.key else None,
-        payload=value.decode(errors="replace"),
-        failed_at=int(time.time() * 1000),
-    )
 
 
 async def _raw(_msg: object) -> None:

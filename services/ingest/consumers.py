@@ -25,6 +25,7 @@ from services.common import metrics, tracing
 from services.common.auth import KeyRing
 from services.common.catalog import CatalogReader
 from services.common.clickhouse import ClickHouse
+from services.common.dlq import dead_letter
 from services.common.events import LOGS_TOPIC, DeadLetter, dlq_topic
 from services.common.settings import Settings
 from services.ingest import store
@@ -33,19 +34,6 @@ from services.ingest.log_rows import WireLogEvent, decode_log_event, event_to_ro
 log = logging.getLogger(__name__)
 
 WRITER_GROUP = "ingest-clickhouse-writer"
-
-
-def dead_letter(record: ConsumerRecord, reason: str) -> DeadLetter:
-    value = record.value or b""
-    return DeadLetter(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        reason=reason[:2000],
-        key=record.key.decode(errors="replace") if record.key else None,
-        payload=value.decode(errors="replace"),
-        failed_at=int(time.time() * 1000),
-    )
 
 
 def decode_records(

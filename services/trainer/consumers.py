@@ -10,7 +10,6 @@ anything else that fails is not acknowledged and comes again.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Protocol
 
 from aiokafka import ConsumerRecord
@@ -18,7 +17,8 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from pydantic import ValidationError
 
-from services.common.events import TRAINING_REQUESTS_TOPIC, DeadLetter, TrainingRequest, dlq_topic
+from services.common.dlq import dead_letter
+from services.common.events import TRAINING_REQUESTS_TOPIC, TrainingRequest, dlq_topic
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,19 +28,6 @@ TRAINER_GROUP = "trainer"
 
 class Backend(Protocol):
     async def handle(self, request: TrainingRequest) -> None: ...
-
-
-def dead_letter(record: ConsumerRecord, reason: str) -> DeadLetter:
-    value = record.value or b""
-    return DeadLetter(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        reason=reason[:2000],
-        key=record.key.decode(errors="replace") if record.key else None,
-        payload=value.decode(errors="replace"),
-        failed_at=int(time.time() * 1000),
-    )
 
 
 async def _raw(_msg: object) -> None:

@@ -16,9 +16,9 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.evals.service import apply_events
+from services.common.dlq import dead_letter
 from services.common.events import EVAL_EVENTS_TOPIC, EvalEvent, dlq_topic
 from services.common.settings import Settings
-from services.eval.consumers import dead_letter
 
 log = logging.getLogger(__name__)
 
