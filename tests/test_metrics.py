@@ -106,9 +106,11 @@ async def test_router_series_after_completions(running: RunningPlatform, project
     cache = {"op-cache": "readWrite"}
     await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_headers=cache)
     await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_headers=cache)
-    await client.chat.completions.create(model="gpt-4o-429-once", messages=MESSAGES)
+    await client.chat.completions.create(model="metrics-gpt-4o-429-once", messages=MESSAGES)
     await client.chat.completions.create(
-        model="gpt-4o-500", messages=MESSAGES, extra_body={"openpipe": {"fallback": {"model": "gpt-4o-mini"}}}
+        model="metrics-gpt-4o-500",
+        messages=MESSAGES,
+        extra_body={"openpipe": {"fallback": {"model": "gpt-4o-mini"}}},
     )
     after = await scrape(running)
 
@@ -122,7 +124,10 @@ async def test_router_series_after_completions(running: RunningPlatform, project
     assert grew("distillery_router_upstream_retries_total", provider="openai") >= 3  # 1 + 2 on the 500s
     assert grew("distillery_router_upstream_duration_seconds_count", provider="openai", outcome="2xx") >= 3
     assert grew("distillery_router_upstream_duration_seconds_count", provider="openai", outcome="5xx") >= 3
-    assert grew("distillery_router_fallbacks_total", model="gpt-4o-500", fallback_model="gpt-4o-mini") == 1
+    assert (
+        grew("distillery_router_fallbacks_total", model="metrics-gpt-4o-500", fallback_model="gpt-4o-mini")
+        == 1
+    )
     assert grew("distillery_http_requests_total", route="/api/v1/chat/completions", status="200") == 4
 
 
