@@ -284,6 +284,21 @@ async def test_killed_run_resumes_from_its_checkpoint_then_a_restarted_service_f
     assert_adapter(await blobs.list(job.output_prefix), job.output_prefix)
 
 
+async def test_a_run_restarted_after_sft_finished_still_uploads_its_loss_curve(
+    tmp_path: Path, model_store: Path
+) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    job = request_for(await put_snapshot(blobs, sum_rows(4)), batch_size=2)
+    first = Run(job, tmp_path / "work", blobs=blobs, store_dir=model_store)
+    assert await asyncio.to_thread(first.execute) == "succeeded"
+    # Started again in the same folder (as if it died after SFT): no step runs, the curve still comes.
+    again = job.model_copy(update={"output_prefix": f"{job.output_prefix}-again"})
+    run = Run(again, tmp_path / "work", blobs=blobs, store_dir=model_store)
+    assert await asyncio.to_thread(run.execute) == "succeeded"
+    assert [step for _, step, _ in run.losses] == [1, 2]
+    assert (await blobs.get_bytes(f"{again.output_prefix}/loss_curve.png")).startswith(b"\x89PNG")
+
+
 async def test_a_run_that_keeps_dying_fails_clearly(tmp_path: Path, model_store: Path) -> None:
     blobs = FileBlobStore(tmp_path / "blobs")
     settings = Settings(data_dir=tmp_path, model_store_dir=model_store, blob_url=f"file://{blobs.root}")

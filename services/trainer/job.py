@@ -262,6 +262,10 @@ class Run:
         done = self.work_dir / "sft" / "final"
         if (done / "adapter_config.json").exists():
             self.trained_tokens = int((done / "trained_tokens").read_text())
+            # The loss curve still needs the SFT steps, which this process did not see.
+            losses = done / "losses.json"
+            if losses.exists():
+                self.losses.extend(("sft", step, loss) for step, loss in json.loads(losses.read_text()))
             self.events.emit("message", "SFT finished before the restart; continuing with what follows it.")
             return PeftModel.from_pretrained(model, done, is_trainable=True)
         model = self._start_adapter(model)
@@ -301,8 +305,11 @@ class Run:
         self._collect(progress)
         model = trainer.model
         self.trained_tokens += sum(lengths) * epochs
-        model.save_pretrained(done, safe_serialization=True)
+        # adapter_config.json marks SFT done, so what a restart reads along with it is written first.
+        done.mkdir(parents=True, exist_ok=True)
+        (done / "losses.json").write_text(json.dumps(progress.losses))
         (done / "trained_tokens").write_text(str(self.trained_tokens))
+        model.save_pretrained(done, safe_serialization=True)
         return model
 
     # --- DPO -------------------------------------------------------------------------------
