@@ -8,6 +8,7 @@ pause/resume and cancel go through ``LocalTrainer`` with real child processes; t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import secrets
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
 
 from services.common.blobstore import BlobStore, FileBlobStore, blob_store_from_url
 from services.common.events import (
@@ -351,6 +353,16 @@ async def test_pause_resume_and_cancel(local) -> None:
 # --- over Kafka -----------------------------------------------------------------------------------
 
 
+def training_events(values: list[bytes]) -> list[TrainingEvent]:
+    """The topic's records that are training events: the topic is the session broker's, shared by
+    every test, and some (tests/test_models_api.py) publish poison there to test the api's DLQ."""
+    events = []
+    for value in values:
+        with contextlib.suppress(ValidationError):
+            events.append(TrainingEvent.model_validate_json(value))
+    return events
+
+
 async def read_all(kafka_url: str, topic: str) -> list[bytes]:
     from tests.helpers import read_topic
 
@@ -378,10 +390,8 @@ async def test_requests_over_kafka_events_back_and_poison_to_the_dlq(
         )
 
         async def failed() -> list[TrainingEvent]:
-            events = [
-                TrainingEvent.model_validate_json(v) for v in await read_all(tansu.url, TRAINING_EVENTS_TOPIC)
-            ]
-            return [e for e in events if e.job_id == job.job_id]
+            values = await read_all(tansu.url, TRAINING_EVENTS_TOPIC)
+            return [e for e in training_events(values) if e.job_id == job.job_id]
 
         async def finished() -> bool:
             return any(e.status == "failed" for e in await failed())
