@@ -129,6 +129,9 @@ class LocalTrainer:
         self.child_env = child_env or {}
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.children: dict[str, asyncio.subprocess.Process] = {}
+        # The job the worker holds, from taking it off the queue until its outcome is recorded:
+        # longer than its child lives, so a pause or cancel never falls between the two.
+        self.current: str | None = None
         self._worker: asyncio.Task | None = None
         self._relay_lock = asyncio.Lock()
 
@@ -220,7 +223,7 @@ class LocalTrainer:
         self.queue.put_nowait(job.job_id)
 
     async def _cancel(self, job: JobFolder, status: str) -> None:
-        if job.job_id in self.children:
+        if job.job_id == self.current:
             job.set_control("cancel")  # the run stops after its current step and reports
             return
         job.save_state(status="cancelled")
@@ -228,7 +231,7 @@ class LocalTrainer:
         await self.relay(job)
 
     async def _pause(self, job: JobFolder, status: str) -> None:
-        if job.job_id in self.children:
+        if job.job_id == self.current:
             job.set_control("pause")  # the run saves a checkpoint, stops and reports
             job.save_state(resume_pending=False)
             return
@@ -239,7 +242,7 @@ class LocalTrainer:
 
     async def _resume(self, job: JobFolder, status: str) -> None:
         if status != "paused":
-            if job.job_id in self.children:
+            if job.job_id == self.current:
                 # The pause may already be taken (the run is reporting it and ending): resume
                 # once it has ended. If not taken yet, withdrawing it is enough.
                 job.set_control(None)
@@ -259,11 +262,14 @@ class LocalTrainer:
             job = self.folder(job_id)
             if job.state()["status"] != "queued":
                 continue  # cancelled or paused while it waited
+            self.current = job_id
             try:
                 await self._run(job)
             except Exception:
                 log.exception("training job %s: the trainer could not run it", job_id)
                 await self._crashed(job, "the trainer could not start the training process")
+            finally:
+                self.current = None
 
     async def _run(self, job: JobFolder) -> None:
         job.save_state(status="running")
