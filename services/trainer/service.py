@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from services.common.children import die_with_parent
 from services.common.events import TrainingEvent, TrainingRequest
 from services.common.settings import Settings
 from services.trainer.job import CONTROL_FILE, EVENTS_FILE, REQUEST_FILE, EventLog, read_events
@@ -284,6 +285,9 @@ class LocalTrainer:
                 stderr=asyncio.subprocess.STDOUT,
                 env=self._env(),
                 start_new_session=True,
+                # Spawned from the event loop's thread, which lives as long as the service: the
+                # kernel kills the run when the service dies, however it ends.
+                preexec_fn=die_with_parent,  # noqa: PLW1509 (it only calls prctl)
             )
         finally:
             out.close()
