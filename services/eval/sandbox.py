@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 import orjson
 
+from services.common.children import die_with_parent
+
 log = logging.getLogger(__name__)
 
 WORKER = Path(__file__).with_name("sandbox_worker.py")
@@ -152,6 +154,7 @@ class Sandbox:
             env={},
             cwd=str(self._scratch),
             start_new_session=True,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 (spawned from the event loop's thread)
             limit=16 * 1024 * 1024,
         )
         ready = await self._read(timeout=30)
