@@ -429,7 +429,8 @@ async def test_poison_eval_messages_go_to_the_dlq(running) -> None:  # type: ign
             for records in batches.values():
                 for record in records:
                     letter = orjson.loads(record.value)
-                    if marker in letter["payload"]:
+                    # ingest's ClickHouse writer parks its own copy ("invalid EvalEvent: ...")
+                    if marker in letter["payload"] and not letter["reason"].startswith("invalid "):
                         found[letter["topic"]] = letter["reason"]
     finally:
         await consumer.stop()

@@ -413,10 +413,10 @@ async def test_judgements_stored_once_and_poison_dead_lettered(
             DeadLetter.model_validate_json(v)
             for v in await read_topic(running.settings.kafka_url, dlq_topic(JUDGEMENTS_TOPIC))
         ]
-        return [d for d in letters if marker in d.payload]
+        # the api's letters (ingest's ClickHouse writer parks its own copy, "invalid JudgementEvent")
+        return [d for d in letters if marker in d.payload and "not a JudgementEvent" in d.reason]
 
     await wait_until(lambda: _count(parked, 2), what="2 dead letters")
-    assert all("not a JudgementEvent" in d.reason for d in await parked())
 
 
 async def _count(fetch, n: int) -> bool:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from services.common.http import API_PREFIX, BodySizeLimit
 from services.common.kafka import make_producer
 from services.common.secrets import internal_token
 from services.ingest import log_query, store
+from services.ingest.analytics import register_analytics_writers
 from services.ingest.consumers import KnownProjects, register_log_writer
 from services.ingest.fastpath import ReportEndpoint
 from services.ingest.service import REPORT_MODELS, IngestDeps
@@ -26,6 +27,7 @@ async def setup(platform: Platform) -> None:
     register_log_writer(
         platform.broker, ch, settings, projects=KnownProjects(platform.keyring, platform.catalog)
     )
+    register_analytics_writers(platform.broker, ch, settings)
     platform.routers.append(router)
     producer = make_producer(settings.kafka_url)
     await producer.start()

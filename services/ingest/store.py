@@ -76,9 +76,68 @@ SETTINGS non_replicated_deduplication_window = 10000
 """
 
 
+# Analytics tables fed from other services' events (services/ingest/analytics.py). Each row is keyed
+# by its event's stable id, so a re-delivered event collapses into one row (read with FINAL).
+JUDGEMENTS_DDL = """
+CREATE TABLE IF NOT EXISTS {db}.judgements (
+    project_id LowCardinality(String),
+    judgement_id String,
+    criterion String,
+    criterion_version UInt32,
+    model LowCardinality(String),
+    source LowCardinality(String),
+    status LowCardinality(String),
+    score Float64,
+    judgement Nullable(String),
+    explanation String CODEC(ZSTD(3)),
+    error_code Nullable(String),
+    prompt_tokens UInt32,
+    completion_tokens UInt32,
+    cost_usd Nullable(Float64),
+    latency_ms Int64,
+    created_at_ms Int64,
+    ingested_at_ms Int64
+) ENGINE = ReplacingMergeTree(ingested_at_ms)
+ORDER BY (project_id, judgement_id)
+SETTINGS non_replicated_deduplication_window = 10000
+"""
+
+# One row per model output (kind 'output') and per evaluator verdict (kind 'score') of an eval row.
+EVAL_RESULTS_DDL = """
+CREATE TABLE IF NOT EXISTS {db}.eval_results (
+    project_id LowCardinality(String),
+    eval_id String,
+    event_id String,
+    entry_id String,
+    kind LowCardinality(String),
+    model LowCardinality(String),
+    evaluator String,
+    opponent String,
+    score Nullable(Float64),
+    winner Nullable(String),
+    explanation Nullable(String) CODEC(ZSTD(3)),
+    output_key String,
+    output String CODEC(ZSTD(3)),
+    reused UInt8,
+    error Nullable(String),
+    prompt_tokens UInt32,
+    completion_tokens UInt32,
+    judge_calls UInt32,
+    cost_usd Nullable(Float64),
+    latency_ms Int64,
+    created_at_ms Int64,
+    ingested_at_ms Int64
+) ENGINE = ReplacingMergeTree(ingested_at_ms)
+ORDER BY (project_id, eval_id, entry_id, kind, model, evaluator, opponent)
+SETTINGS non_replicated_deduplication_window = 10000
+"""
+
+
 async def create_schema(ch: ClickHouse) -> None:
     await ch.command(f"CREATE DATABASE IF NOT EXISTS {ch.database}")
     await ch.command(DDL.format(db=ch.database))
+    await ch.command(JUDGEMENTS_DDL.format(db=ch.database))
+    await ch.command(EVAL_RESULTS_DDL.format(db=ch.database))
 
 
 def dedup_token(rows: list[list[Any]]) -> str:
