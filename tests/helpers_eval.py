@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from services.common.kafka import free_port
+from tests.conftest import wait_until
 
 JUDGE_KEY = "sk-judge-test-key"
 
@@ -187,3 +188,60 @@ async def register_judge(http: Any, fake: FakeJudge) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"the router never routed openpipe:judge/...: {probe.text}")
+
+
+# --- evals over a dataset ----------------------------------------------------------------------
+
+N = 6
+EXACT_MATCH = """
+def exact_tool_calls_match(calls1, calls2):
+    if not calls1 and not calls2:
+        return True
+    if not calls1 or not calls2 or len(calls1) != len(calls2):
+        return False
+    return all(
+        a["function"]["name"] == b["function"]["name"]
+        and a["function"]["arguments"] == b["function"]["arguments"]
+        for a, b in zip(calls1, calls2)
+    )
+
+
+def grader(messages, tools, tool_choice, generated_output, dataset_output):
+    if not exact_tool_calls_match(generated_output["tool_calls"], dataset_output["tool_calls"]):
+        return 0.0
+    if generated_output["content"] != dataset_output["content"]:
+        return 0.0
+    return 1.0
+"""
+
+
+def entry(i: int, split: str = "TEST") -> dict:
+    answer = str(2 * i)
+    return {
+        "messages": [
+            {"role": "system", "content": "Add."},
+            {"role": "user", "content": f"What is {i}+{i}? [expect={answer}]"},
+            {"role": "assistant", "content": answer},
+        ],
+        "split": split,
+    }
+
+
+async def make_dataset(http, count: int = N) -> str:  # type: ignore[no-untyped-def]
+    dataset = (await http.post("/datasets", json={"name": "eval me"})).json()
+    rows = [entry(i) for i in range(count)] + [entry(100 + i, "TRAIN") for i in range(3)]
+    created = await http.post(f"/datasets/{dataset['id']}/entries", json={"entries": rows})
+    assert created.json()["entries_created"] == len(rows), created.text
+    return dataset["id"]
+
+
+async def wait_for_eval(http, eval_id: str, statuses=("succeeded", "failed", "cancelled")) -> dict:  # type: ignore[no-untyped-def]
+    found: dict = {}
+
+    async def finished() -> bool:
+        nonlocal found
+        found = (await http.get(f"/evals/{eval_id}")).json()
+        return found["status"] in statuses
+
+    await wait_until(finished, timeout=60, what=f"eval {eval_id}")
+    return found

@@ -16,32 +16,20 @@ import pytest
 from services.common.events import EVAL_EVENTS_TOPIC, EvalEvent, EvalScore
 from tests.conftest import Project, wait_until
 from tests.fake_judge import create_criterion, fake_judge, use_fake_judge  # noqa: F401
-from tests.helpers_eval import FakeJudge, register_judge, start_fake_judge
+from tests.helpers_eval import (
+    EXACT_MATCH,
+    FakeJudge,
+    N,
+    entry,
+    make_dataset,
+    register_judge,
+    start_fake_judge,
+    wait_for_eval,
+)
 
-EXACT_MATCH = """
-def exact_tool_calls_match(calls1, calls2):
-    if not calls1 and not calls2:
-        return True
-    if not calls1 or not calls2 or len(calls1) != len(calls2):
-        return False
-    return all(
-        a["function"]["name"] == b["function"]["name"]
-        and a["function"]["arguments"] == b["function"]["arguments"]
-        for a, b in zip(calls1, calls2)
-    )
-
-
-def grader(messages, tools, tool_choice, generated_output, dataset_output):
-    if not exact_tool_calls_match(generated_output["tool_calls"], dataset_output["tool_calls"]):
-        return 0.0
-    if generated_output["content"] != dataset_output["content"]:
-        return 0.0
-    return 1.0
-"""
 ECHO = "openpipe:judge/student-echo"
 OTHER = "openpipe:judge/base-model"
 JUDGE = "openpipe:judge/h2h-judge"
-N = 6
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +45,6 @@ async def judged(project: Project, judge: FakeJudge) -> Project:
     async with project.client() as http:
         await register_judge(http, judge)
     return project
-
-
-def entry(i: int, split: str = "TEST") -> dict:
-    answer = str(2 * i)
-    return {
-        "messages": [
-            {"role": "system", "content": "Add."},
-            {"role": "user", "content": f"What is {i}+{i}? [expect={answer}]"},
-            {"role": "assistant", "content": answer},
-        ],
-        "split": split,
-    }
-
-
-async def make_dataset(http, count: int = N) -> str:  # type: ignore[no-untyped-def]
-    dataset = (await http.post("/datasets", json={"name": "eval me"})).json()
-    rows = [entry(i) for i in range(count)] + [entry(100 + i, "TRAIN") for i in range(3)]
-    created = await http.post(f"/datasets/{dataset['id']}/entries", json={"entries": rows})
-    assert created.json()["entries_created"] == len(rows), created.text
-    return dataset["id"]
 
 
 def eval_body(dataset_id: str, **extra: object) -> dict:
@@ -100,18 +68,6 @@ def eval_body(dataset_id: str, **extra: object) -> dict:
         ],
         **extra,
     }
-
-
-async def wait_for_eval(http, eval_id: str, statuses=("succeeded", "failed", "cancelled")) -> dict:  # type: ignore[no-untyped-def]
-    found: dict = {}
-
-    async def finished() -> bool:
-        nonlocal found
-        found = (await http.get(f"/evals/{eval_id}")).json()
-        return found["status"] in statuses
-
-    await wait_until(finished, timeout=60, what=f"eval {eval_id}")
-    return found
 
 
 async def test_code_grader_and_head_to_head_eval(judged: Project, judge: FakeJudge) -> None:
