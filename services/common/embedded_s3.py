@@ -27,7 +27,7 @@ ACCESS_KEY = "distillery"
 BUCKETS = ("tansu", "blobs")
 
 # Every listener `weed mini` opens; each gets its own free port.
-_PORT_FLAGS = (
+PORT_FLAGS = (
     "master.port",
     "master.port.grpc",
     "volume.port",
@@ -125,7 +125,7 @@ class EmbeddedS3:
 
     def _launch(self) -> subprocess.Popen:
         if not self.ports:  # a restart keeps the ports: the broker's AWS_ENDPOINT names this one
-            self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
+            self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
         process = spawn(self._command(), log_path=self.root / "weed.log", env=clean_env({}), cwd=self.root)
         try:
             self._wait_ready(process, timeout=30.0)
