@@ -7,7 +7,6 @@ database failure nacks the batch, which is read again (stored judgements are ski
 from __future__ import annotations
 
 import logging
-import time
 
 from aiokafka import ConsumerRecord
 from faststream import AckPolicy
@@ -16,24 +15,13 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.criteria.service import store_judgements
+from services.common.dlq import dead_letter
 from services.common.events import JUDGEMENTS_TOPIC, DeadLetter, JudgementEvent, dlq_topic
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
 JUDGEMENTS_GROUP = "api-judgements"
-
-
-def dead_letter(record: ConsumerRecord, reason: str) -> DeadLetter:
-    return DeadLetter(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        reason=reason[:2000],
-        key=record.key.decode(errors="replace") if record.key else None,
-        payload=(record.value or b"").decode(errors="replace"),
-        failed_at=int(time.time() * 1000),
-    )
 
 
 async def _raw_records(_msg: object) -> None:
