@@ -7,16 +7,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent
 from services.common.http import API_PREFIX, BodySizeLimit
 from services.common.inference_client import InferenceClient
 from services.common.secrets import internal_token
 from services.judge import judge_rpc
 from services.judge.client import router_caller
-from services.judge.criteria import CriteriaCatalog, catalog_sync
+from services.judge.criteria import CriteriaCatalog
 from services.judge.fastpath import JudgeEndpoint
-from services.judge.service import Judge, JudgementRecorder
+from services.judge.service import Judge
 from services.judge.views import router
+from services.judge.wiring import build_judge
 
 if TYPE_CHECKING:
     from services.platform import Platform
@@ -26,27 +26,6 @@ if TYPE_CHECKING:
 class JudgeService:
     catalog: CriteriaCatalog
     judge: Judge
-
-
-def _own_judge(platform: Platform, client: InferenceClient) -> tuple[CriteriaCatalog, Judge]:
-    settings = platform.settings
-    catalog = CriteriaCatalog(sync=catalog_sync(platform.catalog))
-    platform.catalog.handlers.append(catalog.apply)
-
-    async def publish(event: JudgementEvent) -> None:
-        await platform.broker.publish(
-            event.model_dump(mode="json"), JUDGEMENTS_TOPIC, key=event.project_id.encode()
-        )
-
-    recorder = JudgementRecorder(publish)
-    platform.on_stopping.append(recorder.stop)
-    judge = Judge(
-        router_caller(client),
-        max_concurrency=settings.judge_project_max_concurrency,
-        max_attempts=settings.judge_max_attempts,
-        recorder=recorder.record,
-    )
-    return catalog, judge
 
 
 async def setup(platform: Platform) -> None:
@@ -60,7 +39,7 @@ async def setup(platform: Platform) -> None:
     if shared is not None:
         catalog, judge = shared.catalog, shared.judge
     else:
-        catalog, judge = _own_judge(platform, client)
+        catalog, judge = build_judge(platform, router_caller(client))
     platform.state["judge_service"] = JudgeService(catalog, judge)
     platform.routers.append(router)
     endpoint = JudgeEndpoint(keyring=platform.keyring, service=platform.state["judge_service"])

@@ -16,9 +16,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from services.common.errors import APIError
-from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent
-from services.judge.criteria import CriteriaCatalog, catalog_sync
-from services.judge.service import Judge, JudgementRecorder, ModelCaller, ModelError
+from services.judge.criteria import CriteriaCatalog
+from services.judge.service import Judge, ModelCaller, ModelError
+from services.judge.wiring import build_judge
 from services.router.protocol import CallOptions
 
 if TYPE_CHECKING:
@@ -92,21 +92,5 @@ class BestOfN:
 
 def setup_best_of_n(platform: Platform, chat: ChatService) -> None:
     """Materialize criteria from ``catalog.v1`` and let ``chat`` serve ``op-criteria``."""
-    settings = platform.settings
-    catalog = CriteriaCatalog(sync=catalog_sync(platform.catalog))
-    platform.catalog.handlers.append(catalog.apply)
-
-    async def publish(event: JudgementEvent) -> None:
-        await platform.broker.publish(
-            event.model_dump(mode="json"), JUDGEMENTS_TOPIC, key=event.project_id.encode()
-        )
-
-    recorder = JudgementRecorder(publish)
-    judge = Judge(
-        chat_caller(chat),
-        max_concurrency=settings.judge_project_max_concurrency,
-        max_attempts=settings.judge_max_attempts,
-        recorder=recorder.record,
-    )
+    catalog, judge = build_judge(platform, chat_caller(chat))
     chat.best_of_n = BestOfN(catalog, judge)
-    platform.on_stopping.append(recorder.stop)

@@ -1,0 +1,35 @@
+"""One judge per process: criteria materialized from ``catalog.v1`` and verdicts published on
+``judgements.v1``. The judge service and the router's best-of-N build it the same way; only how the
+judge model is called differs (the router's ChatService in process, or gRPC ``Inference``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent
+from services.judge.criteria import CriteriaCatalog, catalog_sync
+from services.judge.service import Judge, JudgementRecorder, ModelCaller
+
+if TYPE_CHECKING:
+    from services.platform import Platform
+
+
+def build_judge(platform: Platform, caller: ModelCaller) -> tuple[CriteriaCatalog, Judge]:
+    settings = platform.settings
+    catalog = CriteriaCatalog(sync=catalog_sync(platform.catalog))
+    platform.catalog.handlers.append(catalog.apply)
+
+    async def publish(event: JudgementEvent) -> None:
+        await platform.broker.publish(
+            event.model_dump(mode="json"), JUDGEMENTS_TOPIC, key=event.project_id.encode()
+        )
+
+    recorder = JudgementRecorder(publish)
+    platform.on_stopping.append(recorder.stop)
+    judge = Judge(
+        caller,
+        max_concurrency=settings.judge_project_max_concurrency,
+        max_attempts=settings.judge_max_attempts,
+        recorder=recorder.record,
+    )
+    return catalog, judge
