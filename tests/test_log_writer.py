@@ -284,3 +284,53 @@ async def test_out_of_range_token_counts_do_not_block_the_batch(project: Project
         assert await wait_for_count(client, 4, params={"metadata.marker": marker}) == 4
         logs = (await client.get("/logs", params={"metadata.marker": marker})).json()["data"]
     assert sorted(log["usage"]["prompt_tokens"] for log in logs) == [0, 5, 5, 2**32 - 1]
+
+
+class FailsOnce(ClickHouse):
+    """A real ClickHouse handle whose first insert fails (slowly, so the next batch is in hand by
+    then); records which events each later insert wrote, by their ``i`` metadata."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.failed = False
+        self.written: list[list[int]] = []
+
+    async def insert(self, table, rows, column_names, settings=None) -> None:  # type: ignore[override]
+        if not self.failed:
+            self.failed = True
+            await asyncio.sleep(0.5)
+            raise ConnectionError("ClickHouse is away")
+        await super().insert(table, rows, column_names, settings)
+        where = list(column_names).index("metadata")
+        self.written.append(sorted(int(row[where]["i"]) for row in rows))
+
+
+async def test_a_failed_insert_rewinds_and_the_batch_fetched_meanwhile_is_read_again(
+    project: Project, running, chdb_url: str
+) -> None:
+    """The writer decodes batch N+1 while batch N is being inserted: when N's insert gives up, N+1
+    (already in hand) must not be written or committed before N; both are read again in order."""
+    kafka_url = running.settings.kafka_url
+    settings = running.settings.model_copy(update={"log_batch_max_rows": 4, "log_insert_retry_seconds": 0.1})
+    topic, group = f"logs.rewind.{secrets.token_hex(4)}", f"writer-rewind-{secrets.token_hex(4)}"
+    await ensure_topics(kafka_url, [topic, dlq_topic(topic)])
+    marker = secrets.token_hex(6)
+    events = [orjson.dumps(e) for e in events_for(project.id, 12, marker=marker)]
+    await send_raw(kafka_url, topic, events, key=project.id.encode())
+
+    ch = FailsOnce(chdb_url)
+    broker = make_broker(kafka_url)
+    pipeline = register_log_writer(broker, ch, settings, topic=topic, group_id=group)
+    await broker.start()
+    try:
+        async with project.client() as client:
+            assert await wait_for_count(client, 12, params={"metadata.marker": marker}) == 12
+        await wait_until(
+            lambda: _group_committed(kafka_url, group, topic, 12), what="all 12 offsets committed"
+        )
+        await pipeline.close()
+    finally:
+        await broker.stop()
+    assert ch.failed
+    assert ch.written[0] == [0, 1, 2, 3]  # the failed batch first, not the one decoded meanwhile
+    assert sorted(i for batch in ch.written for i in batch) == list(range(12))  # each written once

@@ -24,7 +24,7 @@ async def setup(platform: Platform) -> None:
     settings = platform.settings
     ch = ClickHouse(settings.resolved_clickhouse_url())
     await store.create_schema(ch)
-    register_log_writer(
+    writer = register_log_writer(
         platform.broker, ch, settings, projects=KnownProjects(platform.keyring, platform.catalog)
     )
     register_analytics_writers(platform.broker, ch, settings)
@@ -53,5 +53,6 @@ async def setup(platform: Platform) -> None:
     async def close() -> None:
         ch.close()
 
+    platform.on_stopping.append(writer.close)
     platform.on_stopping.append(stop_producer)
     platform.on_stop.append(close)
