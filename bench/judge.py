@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import subprocess
 import sys
@@ -33,7 +34,7 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-import httpx  # noqa: E402
+import aiohttp  # noqa: E402
 from platform_stack import PYTHON, Http, PlatformStack, cpu_seconds  # noqa: E402
 
 from services.common.kafka import free_port  # noqa: E402
@@ -45,6 +46,7 @@ JUDGE_BODY = {
     "input": {"messages": [{"role": "user", "content": "What is the capital of Sweden?"}]},
     "output": {"role": "assistant", "content": "Stockholm"},
 }
+JUDGE_JSON = json.dumps(JUDGE_BODY)
 CHAT_BODY = {
     "model": "openpipe:fakejudge/gen",
     "messages": [{"role": "user", "content": "Count to 3"}],
@@ -67,7 +69,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def judge_level(
-    client: httpx.AsyncClient, concurrency: int, total: int
+    client: aiohttp.ClientSession, concurrency: int, total: int
 ) -> tuple[float, list[float], list[float], int]:
     """Wall time, latencies, the judge's own time per judgement (latency minus the judge-model
     call it reports in Server-Timing) and failures."""
@@ -76,13 +78,15 @@ async def judge_level(
     failures = 0
     queue = iter(range(total))
 
-    async def worker() -> None:
+    async def worker(phase: float) -> None:
         nonlocal failures
+        await asyncio.sleep(phase)
         for _ in queue:
             started = time.perf_counter()
-            response = await client.post("/criteria/judge", json=JUDGE_BODY)
+            async with client.post("criteria/judge", data=JUDGE_JSON) as response:
+                await response.read()
             elapsed = time.perf_counter() - started
-            if response.status_code != 200:
+            if response.status != 200:
                 failures += 1
                 continue
             latencies.append(elapsed)
@@ -90,31 +94,36 @@ async def judge_level(
             own.append(elapsed - model_ms / 1000)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    # Workers start spread over one upstream latency, as independent callers would arrive; started
+    # together against an upstream that always takes exactly 200 ms they would stay in lockstep and
+    # every judgement would queue behind the whole wave of its siblings.
+    await asyncio.gather(*(worker(i / concurrency * UPSTREAM_LATENCY) for i in range(concurrency)))
     return time.perf_counter() - started, latencies, own, failures
 
 
-async def chat_latencies(client: httpx.AsyncClient, rounds: int, criteria: bool) -> list[float]:
+async def chat_latencies(client: aiohttp.ClientSession, rounds: int, criteria: bool) -> list[float]:
     headers = {"op-criteria": '["bench-a", "bench-b"]'} if criteria else {}
     out = []
     for _ in range(rounds):
         started = time.perf_counter()
-        response = await client.post("/chat/completions", json=CHAT_BODY, headers=headers)
+        async with client.post("chat/completions", json=CHAT_BODY, headers=headers) as response:
+            body = await response.json()
         out.append(time.perf_counter() - started)
-        assert response.status_code == 200, response.text
+        assert response.status == 200, body
         if criteria:
-            assert "criteria_results" in response.json()["choices"][0]
+            assert "criteria_results" in body["choices"][0]
     return out
 
 
 async def measure(port: int, key: str, requests: int, rounds: int, pid: int) -> list[str]:
     lines = []
-    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{port}/api/v1",
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=60,
-        limits=limits,
+    # aiohttp, not httpx: at 64 in flight httpx's own CPU saturated the bench's event loop, and
+    # its queueing showed up as the judge's latency.
+    async with aiohttp.ClientSession(
+        base_url=f"http://127.0.0.1:{port}/api/v1/",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        timeout=aiohttp.ClientTimeout(total=60),
+        connector=aiohttp.TCPConnector(limit=128),
     ) as client:
         await judge_level(client, 4, 16)  # warm up connections and code paths
         lines.append(
@@ -124,7 +133,7 @@ async def measure(port: int, key: str, requests: int, rounds: int, pid: int) -> 
         lines.append("|---|---|---|---|---|---|---|---|")
         one_judge = UPSTREAM_LATENCY
         for level in LEVELS:
-            total = min(40, requests) if level == 1 else max(requests, level * 2)
+            total = min(100, requests) if level == 1 else max(requests, level * 2)
             cpu_before = cpu_seconds(pid)
             wall, latencies, own, failed = await judge_level(client, level, total)
             cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, len(latencies))

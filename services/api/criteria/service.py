@@ -535,8 +535,10 @@ async def store_judgements(*, session: AsyncSession, events: list[JudgementEvent
     }
     if not rows:
         return 0
+    # executemany of one statement (compiled once and cached), not a VALUES list whose SQL differs
+    # with every batch size and is compiled anew each time
     result = await session.execute(
-        _insert(session)(Judgement).values(list(rows.values())).on_conflict_do_nothing()
+        _insert(session)(Judgement.__table__).on_conflict_do_nothing(), list(rows.values())
     )
     return max(result.rowcount or 0, 0)
 
