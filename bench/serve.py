@@ -192,14 +192,18 @@ async def run_concurrency(url: str, concurrency: int, prompts: list[str], max_to
 
 
 def plain_generate(base_dir: Path, adapter_dir: Path, prompts: list[str], max_tokens: int) -> dict:
-    """The same requests, one at a time, with peft + model.generate() (greedy)."""
+    """The same requests, one at a time, with peft + model.generate() (greedy), in the dtype the
+    model server uses for this base on this machine."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
+    from services.serving.registry import serving_dtype
+
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    dtype = serving_dtype(base_dir, "cpu")
     model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), str(adapter_dir)
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), str(adapter_dir)
     ).eval()
     ttfts: list[float] = []
     tokens = 0

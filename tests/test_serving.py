@@ -314,3 +314,54 @@ async def test_batched_greedy_decoding_matches_plain_generate() -> None:
         assert [s.output_ids for s in sequences] == expected
     finally:
         engine.stop()
+
+
+async def test_prompts_sharing_a_start_prefill_from_the_cached_prefix_and_decode_as_generate_does() -> None:
+    """A shared instruction block is computed once per adapter; what follows it, and the tokens
+    generated, are exactly what generate() gives on the whole prompt."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assets = serving_assets()
+    tokenizer = AutoTokenizer.from_pretrained(assets.base_dir)
+    shared = "You are a terse assistant. Answer in one short sentence, in plain words, without lists. "
+    prompts = [shared + q for q in ("The capital of France", "Hello, how are you", "abc", "Count to three")]
+    plain = AutoModelForCausalLM.from_pretrained(assets.base_dir)
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(assets.base_dir), assets.adapter_a_dir
+    )
+
+    def generate(model: torch.nn.Module, prompt: str) -> list[int]:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+        return out[0, ids.shape[1] :].tolist()
+
+    expected = [generate(plain, p) for p in prompts] + [generate(tuned, p) for p in prompts]
+    engine = Engine(AutoModelForCausalLM.from_pretrained(assets.base_dir), tokenizer)
+    engine.eos_ids = set()
+    engine.register_adapter("a", assets.adapter_a_dir)
+    loop = asyncio.get_running_loop()
+
+    async def run(prompt: str, adapter: str | None) -> list[int]:
+        queue: asyncio.Queue = asyncio.Queue()
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        sequence = Sequence(
+            ids, adapter, SamplingParams(max_tokens=8, temperature=0), threadsafe_emitter(loop, queue)
+        )
+        engine.submit(sequence)
+        await collect(queue)
+        return sequence.output_ids
+
+    try:
+        # two at once (their shared start is cached), then one at a time (each hits it), per adapter
+        outputs = []
+        for adapter in (None, "a"):
+            outputs += await asyncio.gather(run(prompts[0], adapter), run(prompts[1], adapter))
+            outputs += [await run(prompts[2], adapter), await run(prompts[3], adapter)]
+        assert outputs == expected
+        # the first prompt of each adapter may be prefilled alone, before anything is shared
+        assert engine.prefix_hits >= 6
+        assert {adapter for adapter, _ in engine._prefixes} == {None, "a"}  # one entry per adapter
+    finally:
+        engine.stop()

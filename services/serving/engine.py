@@ -6,6 +6,10 @@ sequence in a single forward pass — rows on different adapters included, throu
 mixed-adapter batches. A sequence that finishes leaves the batch at once; one that arrives joins at
 the next step, so concurrent requests share every forward pass instead of waiting in line.
 
+Prompts that start alike (a chat template's system prompt, an application's fixed instructions) share
+a cached prefix: its KV cache is computed once per adapter and copied into each batch that starts
+with it, so a prefill computes only what follows it (vLLM calls this automatic prefix caching).
+
 The async side (``submit``) gets ``Delta`` events on an ``asyncio.Queue`` per sequence.
 """
 
@@ -27,6 +31,9 @@ import torch
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+# A shared prompt start shorter than this is not worth a cache entry.
+MIN_PREFIX_TOKENS = 16
+PREFIX_CACHE_ENTRIES = 16
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class Engine:
         max_adapters: int = 8,
         context_window: int | None = None,
         device: str = "cpu",
+        prefix_caching: bool = True,
     ) -> None:
         self.model = model.eval()
         self.device = torch.device(device)
@@ -107,9 +115,14 @@ class Engine:
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
+        # (adapter, token ids) -> the KV cache of those tokens for one row; least recently used first
+        self._prefixes: OrderedDict[tuple[str | None, tuple[int, ...]], Any] = OrderedDict()
+        self._last_prompt: dict[str | None, list[int]] = {}
+        self.prefix_caching = prefix_caching
         self._stopped = False
         self.steps = 0
         self.peak_batch = 0
+        self.prefix_hits = 0  # prompts whose prefill started from a cached prefix
         self._thread = threading.Thread(target=self._run, name="serving-engine", daemon=True)
         self._thread.start()
 
@@ -154,6 +167,9 @@ class Engine:
     def _evict(self, name: str) -> None:
         self.adapters.pop(name, None)
         self._active = None
+        for key in [key for key in self._prefixes if key[0] == name]:
+            del self._prefixes[key]
+        self._last_prompt.pop(name, None)
         if self.peft is not None and name in self.peft.peft_config:
             if len(self.peft.peft_config) == 1:
                 # peft keeps at least one adapter: unwrap the base and start over.
@@ -172,9 +188,8 @@ class Engine:
                 self._drop_cancelled()
                 if self._forget:
                     self._evict_forgotten()
-                admitted = self._admit()
-                if admitted:
-                    self._prefill(admitted)
+                for group in _by_adapter(self._admit()):
+                    self._prefill(group)
                 if self._rows:
                     self._decode()
             except Exception as exc:  # a failed step fails its sequences, never the server
@@ -256,24 +271,72 @@ class Engine:
         return out.logits[:, -1, :]
 
     def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefill rows that share one adapter: from a cached prefix when they all start with one."""
         from transformers import DynamicCache
 
-        width = max(len(s.prompt_ids) for s in seqs)
+        prefix = self._shared_prefix(seqs) if self.prefix_caching else ()
+        start = len(prefix)
+        cache = self._prefix_cache(seqs, prefix) if prefix else DynamicCache(config=self.model.config)
+        suffixes = [s.prompt_ids[start:] for s in seqs]
+        width = max(len(x) for x in suffixes)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor(
-            [[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=self.device
-        )
-        mask = torch.tensor(
-            [[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs], device=self.device
-        )
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=self.device)
+        new = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in suffixes], device=self.device)
+        positions = start + (new.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.cat([new.new_ones(len(seqs), start), new], dim=1)  # padding sits after the prefix
         logits = self._forward(
             seqs, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
         )
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
         self._merge(seqs, cache, mask, lengths)
         self._sample_and_emit(seqs, logits)
+        self.prefix_hits += len(seqs) if prefix else 0
+
+    def _shared_prefix(self, seqs: list[Sequence]) -> tuple[int, ...]:
+        """A cached prefix every row starts with (the longest), else the start these rows share with
+        each other or with this adapter's previous prompt when it is long enough to cache; a row
+        always keeps at least one token of its own to prefill."""
+        adapter = seqs[0].adapter
+        prompts = [s.prompt_ids for s in seqs]
+        limit = min(len(p) for p in prompts) - 1
+        previous = self._last_prompt.get(adapter)
+        self._last_prompt[adapter] = prompts[-1]
+        cached = [
+            ids
+            for key_adapter, ids in self._prefixes
+            if key_adapter == adapter and len(ids) <= limit and all(_starts_with(p, ids) for p in prompts)
+        ]
+        if cached:
+            return max(cached, key=len)
+        others = prompts + ([previous] if previous else [])
+        if len(others) < 2:
+            return ()
+        shared = min(_common_length(prompts[0], other) for other in others[1:])
+        shared = min(shared, limit)
+        return tuple(prompts[0][:shared]) if shared >= MIN_PREFIX_TOKENS else ()
+
+    def _prefix_cache(self, seqs: list[Sequence], prefix: tuple[int, ...]) -> Any:
+        """A KV cache holding ``prefix`` for each of ``seqs`` (computed once per adapter, then copied)."""
+        from transformers import DynamicCache
+
+        key = (seqs[0].adapter, prefix)
+        one = self._prefixes.get(key)
+        if one is None:
+            one = DynamicCache(config=self.model.config)
+            ids = torch.tensor([prefix], device=self.device)
+            self._forward(seqs[:1], input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=one)
+            self._prefixes[key] = one
+            while len(self._prefixes) > PREFIX_CACHE_ENTRIES:
+                self._prefixes.popitem(last=False)
+        self._prefixes.move_to_end(key)
+        cache = DynamicCache(config=self.model.config)
+        for index, layer in enumerate(one.layers):
+            cache.update(
+                layer.keys.expand(len(seqs), -1, -1, -1).clone(),
+                layer.values.expand(len(seqs), -1, -1, -1).clone(),
+                index,
+            )
+        return cache
 
     def _merge(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
         if self._cache is None or not self._rows:
@@ -394,6 +457,26 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
         sorted_probs[(cumulative - sorted_probs) > params.top_p] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _by_adapter(seqs: list[Sequence]) -> list[list[Sequence]]:
+    groups: dict[str | None, list[Sequence]] = {}
+    for seq in seqs:
+        groups.setdefault(seq.adapter, []).append(seq)
+    return list(groups.values())
+
+
+def _starts_with(ids: list[int], prefix: tuple[int, ...]) -> bool:
+    return len(ids) >= len(prefix) and tuple(ids[: len(prefix)]) == prefix
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:

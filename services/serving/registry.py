@@ -16,6 +16,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from services.common.blobstore import BlobNotFound, BlobStore, BlobStoreError, FileBlobStore
@@ -26,9 +27,22 @@ from services.common.model_store import (
     local_model_dir,
     validate_model_name,
 )
+from services.common.precision import BF16_MIN_HIDDEN_SIZE, cpu_has_native_bf16
 from services.serving.engine import Engine
 
 log = logging.getLogger(__name__)
+
+
+def serving_dtype(folder: Path, device: str) -> Any:
+    """bf16 on a GPU, and on a CPU with native bf16 for models large enough to gain (SmolLM2-135M:
+    ~2x faster prefill and decoding than fp32); fp32 otherwise."""
+    import torch
+    from transformers import AutoConfig
+
+    hidden = int(getattr(AutoConfig.from_pretrained(folder), "hidden_size", 0) or 0)
+    native = device.startswith("cuda") or (hidden >= BF16_MIN_HIDDEN_SIZE and cpu_has_native_bf16())
+    return torch.bfloat16 if native else torch.float32
+
 
 ADAPTER_CONFIG = "adapter_config.json"
 _COMPLETE = ".complete"
@@ -117,15 +131,14 @@ class ModelRegistry:
         return self.engines[base]
 
     def _load_base(self, base: str) -> Engine:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
             folder = ensure_base_model(base, store_dir=self.store_dir, blobs=self.blobs)
         except (ModelNotFound, ValueError) as exc:
             raise model_not_found(base, str(exc)) from None
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(self.device)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=serving_dtype(folder, self.device))
+        model = model.to(self.device)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         log.info("base model %s loaded from %s on %s", base, folder, self.device)
         return Engine(
