@@ -256,6 +256,8 @@ async def test_metrics_events_and_checkpoints(running: RunningPlatform, project:
             "train_mean_token_accuracy": step / 25,
         }
         await events.send("metrics", data=data)
+        data = {**data, "full_valid_loss": 3.0 / step, "full_valid_mean_token_accuracy": step / 40}
+        await events.send("metrics", data=data)  # the validation set, evaluated at the checkpoint
         await events.send(
             "checkpoint", data=data, artifact_uri=f"fine_tunes/{project.id}/{slug}/{job_id}/ckpt-{step}/"
         )
@@ -271,7 +273,11 @@ async def test_metrics_events_and_checkpoints(running: RunningPlatform, project:
     assert job["fine_tuned_model"] == slug and job["loss_curve"].endswith("loss.png")
     listed = await client.fine_tuning.jobs.list_events(job_id, limit=50)
     metrics = [e for e in listed.data if e.type == "metrics"]
-    assert [e.data["step"] for e in metrics] == [20, 10]  # newest first
+    assert [e.data["step"] for e in metrics] == [20, 20, 10, 10]  # newest first
+    assert metrics[0].message == (
+        "Step 20/20: training loss=0.1000, token accuracy=0.800, full validation loss=0.1500, "
+        "full validation token accuracy=0.500"
+    )
     assert any(e.message == "Uploading the adapter." for e in listed.data)
     first = await client.fine_tuning.jobs.list_events(job_id, limit=2)
     after = await client.fine_tuning.jobs.list_events(job_id, limit=2, after=first.data[-1].id)
@@ -279,6 +285,8 @@ async def test_metrics_events_and_checkpoints(running: RunningPlatform, project:
     checkpoints = await client.fine_tuning.jobs.checkpoints.list(job_id)
     assert [c.step_number for c in checkpoints.data] == [20, 10]
     assert checkpoints.data[0].metrics.train_loss == pytest.approx(0.1)
+    assert checkpoints.data[0].metrics.full_valid_loss == pytest.approx(0.15)
+    assert checkpoints.data[0].metrics.full_valid_mean_token_accuracy == pytest.approx(0.5)
     assert checkpoints.data[0].fine_tuned_model_checkpoint == f"{slug}:ckpt-step-20"
     older = await client.fine_tuning.jobs.checkpoints.list(job_id, after=checkpoints.data[0].id)
     assert [c.step_number for c in older.data] == [10]
@@ -386,15 +394,21 @@ async def test_cli_train_and_jobs_watch(running: RunningPlatform, project: Proje
 
 @pytest.mark.slow
 async def test_end_to_end_jobs_api_on_tiny_chat(running: RunningPlatform, project: Project) -> None:
-    """A file → ``fine_tuning.jobs.create`` → the trainer → succeeded, with metrics events and checkpoints."""
+    """A file → ``fine_tuning.jobs.create`` → the trainer → succeeded, with metrics events and
+    checkpoints, the validation file's loss in both."""
     client = sdk(project)
     uploaded = await client.files.create(
         file=("train.jsonl", jsonl(*(chat(f"What is {i}+{i}?", str(2 * i)) for i in range(8)))),
         purpose="fine-tune",
     )
+    validation = await client.files.create(
+        file=("valid.jsonl", jsonl(*(chat(f"What is {i}+{i}?", str(2 * i)) for i in range(8, 11)))),
+        purpose="fine-tune",
+    )
     job = await client.fine_tuning.jobs.create(
         model="distillery/tiny-chat",
         training_file=uploaded.id,
+        validation_file=validation.id,
         suffix="e2e",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
     )
@@ -409,6 +423,10 @@ async def test_end_to_end_jobs_api_on_tiny_chat(running: RunningPlatform, projec
     assert checkpoints and all(
         c.fine_tuned_model_checkpoint.startswith(done["fine_tuned_model"]) for c in checkpoints
     )
+    assert all(c.metrics.full_valid_loss > 0 for c in checkpoints)
+    assert all(0 <= c.metrics.full_valid_mean_token_accuracy <= 1 for c in checkpoints)
+    valid = [e for e in events if e.type == "metrics" and e.data.get("full_valid_loss") is not None]
+    assert {e.data["step"] for e in valid} == {c.step_number for c in checkpoints}
     assert await running.platform.blobs.exists(
         checkpoints[0].model_extra["uri"].rstrip("/") + "/adapter_config.json"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import random
 import secrets
 import uuid
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import torch
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
@@ -33,7 +35,13 @@ from services.common.events import (
 from services.common.model_store import TINY_CHAT, ensure_base_model
 from services.common.settings import Settings
 from services.platform import Platform
-from services.trainer.job import Run, read_events
+from services.trainer.job import (
+    WEIGHTED_ADAPTER,
+    Run,
+    read_events,
+    save_active_adapter,
+    weigh_preference_adapter,
+)
 from services.trainer.service import LocalTrainer, kill_child
 from tests.conftest import platform_settings, wait_until
 
@@ -420,3 +428,187 @@ async def test_requests_over_kafka_events_back_and_poison_to_the_dlq(
     finally:
         await producer.stop()
         await platform.stop()
+
+
+# --- validation file ------------------------------------------------------------------------------
+
+
+def valid_metrics(events: list[dict]) -> list[dict]:
+    return [e["data"] for e in events if e["type"] == "metrics" and "full_valid_loss" in e["data"]]
+
+
+async def test_a_validation_file_is_evaluated_whole_at_every_checkpoint_and_the_end(
+    tmp_path: Path, model_store: Path
+) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    train = await put_snapshot(blobs, sum_rows(12))
+    valid_rows = sum_rows(5, seed=1)
+    valid_rows[0]["split"] = "TEST"  # a validation file's rows all count, whatever their split
+    job = request_for(train, batch_size=4)  # 3 steps, a checkpoint each
+    with_valid = job.model_copy(update={"validation_snapshot_uri": await put_snapshot(blobs, valid_rows)})
+    run = Run(with_valid, tmp_path / "valid", blobs=blobs, store_dir=model_store)
+    assert await asyncio.to_thread(run.execute) == "succeeded"
+    events = read_events(tmp_path / "valid" / "events.jsonl")
+    assert any(e["message"].startswith("Loaded 5 validation rows") for e in events)
+    valid = valid_metrics(events)
+    assert [m["step"] for m in valid] == [1, 2, 3]  # every checkpoint, the last one at the end
+    for m in valid:
+        assert math.isfinite(m["full_valid_loss"]) and m["full_valid_loss"] > 0
+        assert 0 <= m["full_valid_mean_token_accuracy"] <= 1
+        assert m["phase"] == "sft" and m["total_steps"] == 3
+    assert valid[-1]["full_valid_loss"] < valid[0]["full_valid_loss"]  # it learns the sums
+    checkpoints = {e["data"]["step"]: e["data"] for e in events if e["type"] == "checkpoint"}
+    assert sorted(checkpoints) == [1, 2, 3]
+    for m in valid:
+        assert checkpoints[m["step"]]["full_valid_loss"] == m["full_valid_loss"]
+        assert checkpoints[m["step"]]["train_loss"] > 0
+
+    # Without a validation file: no evaluation, and the very same training (evaluation neither
+    # counts into the training loss and token accuracy nor moves the RNG training draws from).
+    plain = Run(job, tmp_path / "plain", blobs=blobs, store_dir=model_store)
+    assert await asyncio.to_thread(plain.execute) == "succeeded"
+    plain_events = read_events(tmp_path / "plain" / "events.jsonl")
+    assert valid_metrics(plain_events) == []
+    assert not any("valid" in key for e in plain_events for key in e.get("data", {}))
+
+    def training(events: list[dict]) -> list[tuple]:
+        return [
+            (e["data"]["step"], e["data"]["train_loss"], e["data"]["train_mean_token_accuracy"])
+            for e in events
+            if e["type"] == "metrics" and "full_valid_loss" not in e["data"]
+        ]
+
+    assert training(events) == training(plain_events)
+    assert run.trained_tokens == plain.trained_tokens
+
+
+@pytest.mark.parametrize(
+    ("valid_rows", "code", "words"),
+    [
+        (
+            [{"messages": [{"role": "user", "content": "1 + 1"}, {"role": "assistant", "content": ""}]}] * 3,
+            "no_validation_outputs",
+            "None of the validation file's 3 rows has an assistant output",
+        ),
+        (None, "missing_input", "snapshots/valid-gone.jsonl"),
+    ],
+    ids=["no-assistant-outputs", "missing-blob"],
+)
+async def test_a_bad_validation_file_fails_the_run_before_training(
+    valid_rows: list | None, code: str, words: str, tmp_path: Path, model_store: Path
+) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    key = await put_snapshot(blobs, valid_rows) if valid_rows else "snapshots/valid-gone.jsonl"
+    job = request_for(await put_snapshot(blobs, sum_rows(4))).model_copy(
+        update={"validation_snapshot_uri": key}
+    )
+    run = Run(job, tmp_path / "work", blobs=blobs, store_dir=model_store)
+    assert await asyncio.to_thread(run.execute) == "failed"
+    events = read_events(tmp_path / "work" / "events.jsonl")
+    assert events[-1]["error_code"] == code and words in events[-1]["message"]
+    assert not any(e["type"] == "metrics" for e in events)  # nothing trained
+    assert await blobs.list("fine-tunes/") == []
+
+
+# --- adapter_weight -------------------------------------------------------------------------------
+
+
+class Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(6, 8)
+        self.down = torch.nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def lora_deltas(model: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name: module.get_delta_weight(adapter).detach().clone()
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.lora_A
+    }
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 2.0])
+def test_adapter_weight_scales_what_dpo_changed_exactly(weight: float, tmp_path: Path) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    base_state = Toy().state_dict()
+
+    def toy() -> Toy:
+        model = Toy()
+        model.load_state_dict(base_state)
+        return model
+
+    # Random A and B (not LoRA's zero B): "default" as trained by DPO, "ref" as it started (another
+    # rank and alpha, so each adapter's own scaling must be applied).
+    model = get_peft_model(
+        toy(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False)
+    )
+    model.add_adapter(
+        "ref", LoraConfig(r=2, lora_alpha=6, target_modules=["up", "down"], init_lora_weights=False)
+    )
+    dpo, ref = lora_deltas(model, "default"), lora_deltas(model, "ref")
+    assert all(not torch.allclose(dpo[n], ref[n]) for n in dpo)
+
+    assert weigh_preference_adapter(model, weight) == 6  # ranks concatenated
+    assert list(model.peft_config) == [WEIGHTED_ADAPTER]
+    combined = lora_deltas(model, WEIGHTED_ADAPTER)
+    assert combined.keys() == dpo.keys()
+    for name in dpo:
+        torch.testing.assert_close(combined[name], ref[name] + weight * (dpo[name] - ref[name]))
+
+    # Saved as the folder's own adapter, it loads with PeftModel.from_pretrained and merges the same.
+    save_active_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 6 and config["lora_alpha"] == 6
+    assert not (tmp_path / "adapter" / WEIGHTED_ADAPTER).exists()
+    merged = PeftModel.from_pretrained(toy(), tmp_path / "adapter").merge_and_unload()
+    for name in ("up", "down"):
+        expected = (
+            base_state[f"{name}.weight"]
+            + ref[f"base_model.model.{name}"]
+            + weight * (dpo[f"base_model.model.{name}"] - ref[f"base_model.model.{name}"])
+        )
+        torch.testing.assert_close(getattr(merged, name).weight.detach(), expected)
+
+
+def merged_weights(base_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+
+
+async def test_adapter_weight_zero_keeps_the_sft_adapter_after_dpo(tmp_path: Path, model_store: Path) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    job = request_for(
+        await put_snapshot(blobs, sum_rows(8, rejected=True)),
+        enable_preference_tuning=True,
+        preference_num_epochs=1,
+        adapter_weight=0.0,
+    )
+    run = Run(job, tmp_path / "work", blobs=blobs, store_dir=model_store)
+    assert await asyncio.to_thread(run.execute) == "succeeded"
+    events = read_events(tmp_path / "work" / "events.jsonl")
+    assert any(e["type"] == "metrics" and e["data"]["phase"] == "dpo" for e in events)  # DPO did train
+    [applied] = [e for e in events if e["message"].startswith("Adapter weight 0 applied")]
+    assert applied["data"] == {"adapter_weight": 0.0, "lora_rank": 32}
+    final = tmp_path / "work" / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["r"] == 32  # SFT's 16 + DPO's 16
+    assert json.loads((final / "distillery_adapter.json").read_text())["adapter_weight"] == 0.0
+    base_dir = ensure_base_model(TINY_CHAT, store_dir=model_store)
+    sft = merged_weights(base_dir, tmp_path / "work" / "sft" / "final")
+    weighted = merged_weights(base_dir, final)
+    assert sft.keys() == weighted.keys()
+    for name in sft:
+        torch.testing.assert_close(weighted[name], sft[name], rtol=1e-5, atol=1e-6)
+    # ... and the uploaded adapter is that one.
+    uploaded = json.loads(await blobs.get_bytes(f"{job.output_prefix}/adapter/adapter_config.json"))
+    assert uploaded["r"] == 32 and uploaded["base_model_name_or_path"] == TINY_CHAT

@@ -2,9 +2,10 @@
 
 A snapshot line (``services/api/dataset_files``) is the OpenAI fine-tuning format plus our fields:
 ``{"messages": [..., output], "tools"?, "rejected_message"?, "split"?, "metadata", "entry_id"}``.
-Only ``TRAIN`` rows are trained on. The loss covers assistant tokens only: the template's
-``{% generation %}`` marks them, or, for a template without marks, each assistant turn is found
-as the difference between the conversation rendered up to it and up to the turn before.
+Only ``TRAIN`` rows are trained on; a validation file's rows all count, whatever their split. The
+loss covers assistant tokens only: the template's ``{% generation %}`` marks them, or, for a
+template without marks, each assistant turn is found as the difference between the conversation
+rendered up to it and up to the turn before.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ class TrainingRows:
     total: int = 0
 
 
-def parse_snapshot(data: bytes, rules: list[str] | tuple[str, ...] = ()) -> TrainingRows:
-    """Read a snapshot's JSONL, keep TRAIN rows whose last message is a usable assistant output."""
+def parse_snapshot(
+    data: bytes, rules: list[str] | tuple[str, ...] = (), *, every_split: bool = False
+) -> TrainingRows:
+    """Read a snapshot's JSONL, keep TRAIN rows (every row with ``every_split``: a validation file)
+    whose last message is a usable assistant output."""
     rows = TrainingRows()
     for number, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
@@ -52,8 +56,10 @@ def parse_snapshot(data: bytes, rules: list[str] | tuple[str, ...] = ()) -> Trai
             row = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
             raise DataError(f"snapshot line {number} is not valid JSON: {exc}") from None
-        if not isinstance(row, dict) or str(row.get("split") or "TRAIN").upper() != "TRAIN":
-            rows.skipped += not isinstance(row, dict)
+        if not isinstance(row, dict):
+            rows.skipped += 1
+            continue
+        if not every_split and str(row.get("split") or "TRAIN").upper() != "TRAIN":
             continue
         example = _example(row, tuple(rules))
         if example is None:

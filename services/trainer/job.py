@@ -172,17 +172,18 @@ class Run:
         import torch
 
         rows = self._rows()
+        validation = self._validation_rows()
         base_dir = ensure_base_model(self.request.base_model, store_dir=self.store_dir, blobs=self.blobs)
         seed = self.hyper.seed if self.hyper.seed is not None else 42
         torch.manual_seed(seed)
         model, tokenizer = self._load(base_dir)
         if self.hyper.enable_sft:
-            model = self._sft(model, tokenizer, rows, seed)
+            model = self._sft(model, tokenizer, rows, seed, validation)
         if self.hyper.enable_preference_tuning:
             model = self._dpo(model, tokenizer, rows, seed)
         final_dir = self.work_dir / "final"
         shutil.rmtree(final_dir, ignore_errors=True)
-        model.save_pretrained(final_dir, safe_serialization=True)
+        save_active_adapter(model, final_dir)
         tokenizer.save_pretrained(final_dir)
         self._write_adapter_metadata(final_dir)
         key = f"{self.prefix}/adapter"
@@ -219,6 +220,31 @@ class Run:
         )
         return rows
 
+    def _validation_rows(self) -> list[dict[str, Any]]:
+        """The validation file's rows (all of them, whatever their split), or none without one."""
+        key = self.request.validation_snapshot_uri
+        if not key:
+            return []
+        if not self.hyper.enable_sft:
+            # Validation metrics are SFT's (loss and token accuracy on the assistant outputs); a
+            # DPO-only run has no SFT phase to evaluate, so it does not read the file at all.
+            self.events.emit(
+                "message", "The validation file is evaluated during SFT only; this run has none."
+            )
+            return []
+        rows = parse_snapshot(
+            _run_async(self.blobs.get_bytes(key)), self.request.pruning_rules, every_split=True
+        )
+        if not rows.sft:
+            raise DataError(
+                f"None of the validation file's {rows.total} rows has an assistant output to evaluate on.",
+                "no_validation_outputs",
+            )
+        self.events.emit(
+            "message", f"Loaded {len(rows.sft)} validation rows ({rows.total - len(rows.sft)} skipped)."
+        )
+        return rows.sft
+
     def _load(self, base_dir: Path) -> tuple[Any, Any]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -245,7 +271,9 @@ class Run:
 
     # --- SFT -------------------------------------------------------------------------------
 
-    def _sft(self, model: Any, tokenizer: Any, rows: TrainingRows, seed: int) -> Any:
+    def _sft(
+        self, model: Any, tokenizer: Any, rows: TrainingRows, seed: int, validation: list[dict[str, Any]]
+    ) -> Any:
         from datasets import Dataset
         from peft import PeftModel
 
@@ -274,6 +302,14 @@ class Run:
         tokenized = [t for t in tokenized if any(label != -100 for label in t["labels"])]
         if not tokenized:
             raise DataError("Every assistant output was cut off by the length limit.", "no_assistant_outputs")
+        valid = [tokenize_sft(tokenizer, row, max_length) for row in validation]
+        valid = [t for t in valid if any(label != -100 for label in t["labels"])]
+        if validation and not valid:
+            raise DataError(
+                "Every assistant output of the validation file was cut off by the length limit.",
+                "no_validation_outputs",
+            )
+        valid.sort(key=lambda t: len(t["input_ids"]))  # similar lengths in a batch: little padding
         lengths = [len(t["input_ids"]) for t in tokenized]
         epochs = self.hyper.num_epochs or default_epochs(len(tokenized))
         batch = self.hyper.batch_size
@@ -300,7 +336,14 @@ class Run:
             bf16=use_bf16(model),
         )
         progress = self._progress("sft", epochs, batch)
-        trainer = sft_trainer(model, tokenizer, Dataset.from_list(tokenized), args, progress)
+        trainer = sft_trainer(
+            model,
+            tokenizer,
+            Dataset.from_list(tokenized),
+            args,
+            progress,
+            validation=Dataset.from_list(valid) if valid else None,
+        )
         trainer.train(resume_from_checkpoint=str(latest_checkpoint(output_dir) or "") or None)
         self._collect(progress)
         model = trainer.model
@@ -366,7 +409,15 @@ class Run:
         trainer.train(resume_from_checkpoint=str(latest_checkpoint(output_dir) or "") or None)
         self._collect(progress)
         model = trainer.model
-        if "ref" in getattr(model, "peft_config", {}):
+        if self.hyper.adapter_weight != 1:
+            rank = weigh_preference_adapter(model, self.hyper.adapter_weight)
+            self.events.emit(
+                "message",
+                f"Adapter weight {self.hyper.adapter_weight:g} applied: the final adapter is the reference "
+                f"plus {self.hyper.adapter_weight:g} x what DPO changed (LoRA rank {rank}).",
+                data={"adapter_weight": self.hyper.adapter_weight, "lora_rank": rank},
+            )
+        elif "ref" in getattr(model, "peft_config", {}):
             model.delete_adapter("ref")
         self.trained_tokens += sum(_dpo_tokens(tokenizer, row) for row in rows.dpo) * epochs
         return model
@@ -447,6 +498,40 @@ class Run:
         path = self.work_dir / "loss_curve.png"
         plot_losses(self.losses, path, title=f"{self.request.model_slug} ({self.request.base_model})")
         _run_async(self.blobs.put_file(f"{self.prefix}/loss_curve.png", path, content_type="image/png"))
+
+
+WEIGHTED_ADAPTER = "weighted"
+
+
+def weigh_preference_adapter(model: Any, weight: float) -> int:
+    """Make the DPO-trained PeftModel's adapter ΔW_ref + weight·(ΔW_dpo − ΔW_ref); returns its rank.
+
+    ``default`` is the adapter DPO trained; ``ref`` is TRL's frozen copy of the adapter DPO started
+    from (the SFT or parent adapter; a fresh adapter's ΔW is 0, so then the reference is the base).
+    peft's ``cat`` combination is exact for LoRA: it stacks weight·scaling·A of each adapter over
+    their B's, with rank the sum of the ranks and scaling 1. The combined adapter replaces both and
+    is the active one (``save_active_adapter`` writes it as the adapter).
+    """
+    adapters, weights = ["default"], [weight]
+    if "ref" in model.peft_config:
+        adapters.append("ref")
+        weights.append(1.0 - weight)
+    model.add_weighted_adapter(adapters, weights, WEIGHTED_ADAPTER, combination_type="cat")
+    model.set_adapter(WEIGHTED_ADAPTER)
+    for name in adapters:
+        model.delete_adapter(name)
+    return int(model.peft_config[WEIGHTED_ADAPTER].r)
+
+
+def save_active_adapter(model: Any, folder: Path) -> None:
+    """Save the model's active adapter as the folder's adapter (peft puts any adapter not named
+    ``default`` in a subfolder of its name; servers load the folder itself)."""
+    name = model.active_adapter
+    model.save_pretrained(folder, safe_serialization=True, selected_adapters=[name])
+    if name != "default":
+        for path in (folder / name).iterdir():
+            path.replace(folder / path.name)
+        (folder / name).rmdir()
 
 
 def _dpo_tokens(tokenizer: Any, row: dict[str, Any]) -> int:

@@ -93,28 +93,58 @@ def training_arguments(
 
 
 class TokenCountingTrainer(Trainer):
-    """A ``Trainer`` that also measures mean token accuracy and tokens seen (for the metrics events)."""
+    """A ``Trainer`` that also measures mean token accuracy and tokens seen (for the metrics events).
+
+    Evaluation (a validation file, ``eval_dataset``) is counted apart from training: its loss is the
+    mean over every assistant token of the validation set (``eval_loss``, not the trainer's mean of
+    per-batch means) and its accuracy is ``eval_mean_token_accuracy``.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tokens_seen = 0
         self._correct = 0
         self._counted = 0
+        self._eval_loss = 0.0
+        self._eval_correct = 0
+        self._eval_counted = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         labels = inputs["labels"]
-        mask = inputs.get("attention_mask")
-        self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
         with torch.no_grad():
-            predicted = outputs.logits[..., :-1, :].argmax(-1)
+            logits = outputs.logits[..., :-1, :]
             target = labels[..., 1:]
             mask = target != IGNORE
-            self._correct += int((predicted[mask] == target[mask]).sum())
-            self._counted += int(mask.sum())
+            correct = int((logits.argmax(-1)[mask] == target[mask]).sum())
+            if model.training:
+                attention = inputs.get("attention_mask")
+                self.tokens_seen += (
+                    int(attention.sum()) if attention is not None else int(inputs["input_ids"].numel())
+                )
+                self._correct += correct
+                self._counted += int(mask.sum())
+            else:
+                self._eval_loss += float(
+                    torch.nn.functional.cross_entropy(logits[mask].float(), target[mask], reduction="sum")
+                )
+                self._eval_correct += correct
+                self._eval_counted += int(mask.sum())
         return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        self._eval_loss, self._eval_correct, self._eval_counted = 0.0, 0, 0
+        # A data loader draws its seed from the global RNG: restored after, so training (dropout,
+        # shuffling) goes on exactly as it would without a validation file.
+        with torch.random.fork_rng():
+            output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", "eval")
+        if self._eval_counted:
+            output.metrics[f"{prefix}_loss"] = self._eval_loss / self._eval_counted
+            output.metrics[f"{prefix}_mean_token_accuracy"] = self._eval_correct / self._eval_counted
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._counted:
@@ -199,6 +229,18 @@ class Progress(TrainerCallback):
         self.last = data
         self.on_metrics(data)
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # type: ignore[no-untyped-def]
+        # The validation set, whole, at a checkpoint's step (just before its save) or at the end.
+        metrics = metrics or {}
+        if "eval_loss" not in metrics:
+            return
+        valid = {"full_valid_loss": float(metrics["eval_loss"])}
+        if "eval_mean_token_accuracy" in metrics:
+            valid["full_valid_mean_token_accuracy"] = float(metrics["eval_mean_token_accuracy"])
+        # Kept with the step's training metrics: the checkpoint saved next reports both.
+        self.last = {**self.last, "phase": self.phase, "step": state.global_step, **valid}
+        self.on_metrics(dict(self.last))
+
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
@@ -240,13 +282,24 @@ def sft_trainer(
     dataset: Any,
     args: dict[str, Any],
     progress: Progress,
+    validation: Any = None,
 ) -> TokenCountingTrainer:
+    """The SFT trainer; with a ``validation`` dataset it is evaluated whole at every checkpoint's
+    step and at the end (none: no evaluation at all)."""
     # Similar lengths in a step: little padding (CPU batches are padded, not flattened).
     sampling = "random" if torch.cuda.is_available() else "group_by_length"
+    evaluation: dict[str, Any] = {"eval_strategy": "no"}
+    if validation is not None:
+        evaluation = {
+            "eval_strategy": "steps",
+            "eval_steps": args["save_steps"],
+            "per_device_eval_batch_size": args["per_device_train_batch_size"],
+        }
     trainer = TokenCountingTrainer(
         model=model,
-        args=TrainingArguments(**{"train_sampling_strategy": sampling, **args}),
+        args=TrainingArguments(**{"train_sampling_strategy": sampling, **evaluation, **args}),
         train_dataset=dataset,
+        eval_dataset=validation,
         data_collator=collator_for(tokenizer),
         processing_class=tokenizer,
         callbacks=[progress],

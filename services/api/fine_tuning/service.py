@@ -871,6 +871,10 @@ def _metrics_message(data: dict[str, Any]) -> str:
         parts.append(f"training loss={data['train_loss']:.4f}")
     if isinstance(data.get("train_mean_token_accuracy"), int | float):
         parts.append(f"token accuracy={data['train_mean_token_accuracy']:.3f}")
+    if isinstance(data.get("full_valid_loss"), int | float):
+        parts.append(f"full validation loss={data['full_valid_loss']:.4f}")
+    if isinstance(data.get("full_valid_mean_token_accuracy"), int | float):
+        parts.append(f"full validation token accuracy={data['full_valid_mean_token_accuracy']:.3f}")
     return ": ".join([parts[0], ", ".join(parts[1:])]) if len(parts) > 1 else parts[0]
 
 
