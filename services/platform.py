@@ -122,11 +122,16 @@ class Platform:
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        await ensure_topics(self.settings.kafka_url)
-        await self.blobs.ensure_ready()
-        for name in self.services:
-            module = importlib.import_module(f"services.{name}.app")
-            await module.setup(self)
+        # Topics are created while the services set up (none of them needs a topic before the
+        # broker connects below).
+        topics = asyncio.create_task(ensure_topics(self.settings.kafka_url), name="ensure-topics")
+        try:
+            await self.blobs.ensure_ready()
+            for name in self.services:
+                module = importlib.import_module(f"services.{name}.app")
+                await module.setup(self)
+        finally:
+            await topics
         for router in self.routers:
             self.app.include_router(router, prefix=API_PREFIX)
         for key, value in self.state.items():

@@ -38,9 +38,11 @@ class CatalogReader:
         )
         await self._consumer.start()
         partitions = await self._wait_for_partitions()
+        # Before assigning: asked afterwards, aiokafka answered only once its first fetch (held by
+        # the broker up to fetch_max_wait_ms, 500 ms on an empty topic) came back.
+        end_offsets = await self._consumer.end_offsets(partitions)
         self._consumer.assign(partitions)
         await self._consumer.seek_to_beginning(*partitions)
-        end_offsets = await self._consumer.end_offsets(partitions)
         self._task = asyncio.create_task(self._follow(end_offsets), name="catalog-reader")
 
     async def _wait_for_partitions(self) -> list[TopicPartition]:
