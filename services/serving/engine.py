@@ -31,6 +31,10 @@ import torch
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+# An idle engine gathers requests arriving together for up to this long, until none came for the
+# quiet time (costs a lone request the quiet time).
+GATHER_SECONDS = 0.04
+GATHER_QUIET_SECONDS = 0.008
 # A shared prompt start shorter than this is not worth a cache entry.
 MIN_PREFIX_TOKENS = 16
 PREFIX_CACHE_ENTRIES = 16
@@ -96,6 +100,10 @@ class Engine:
         prefix_caching: bool = True,
     ) -> None:
         self.model = model.eval()
+        # A prefill keeps the logits of each row's last position only: a strided slice of the hidden
+        # states that, under a LoRA adapter, made torch multiply it by the output matrix copied
+        # once per row (8 rows: 0.3 s of a 0.8 s prefill). Contiguous, it is one plain matmul.
+        model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
         self.device = torch.device(device)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -201,10 +209,19 @@ class Engine:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
+        # Woken from idle: requests sent together reach the engine one by one (the server parses
+        # them in turn), so gather them a moment to share one prefill instead of the first
+        # running alone while the others wait for it.
+        deadline = time.monotonic() + (GATHER_SECONDS if block else 0.0)
         while item is not None:
             self._waiting.append(item)
+            left = deadline - time.monotonic()
             try:
-                item = self._inbox.get_nowait()
+                item = (
+                    self._inbox.get(timeout=min(left, GATHER_QUIET_SECONDS))
+                    if left > 0
+                    else self._inbox.get_nowait()
+                )
             except queue.Empty:
                 return
 
@@ -457,6 +474,10 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
         sorted_probs[(cumulative - sorted_probs) > params.top_p] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _contiguous_input(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:])
 
 
 def _by_adapter(seqs: list[Sequence]) -> list[list[Sequence]]:
