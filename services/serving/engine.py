@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 # An idle engine gathers requests arriving together for up to this long, until none came for the
 # quiet time (costs a lone request the quiet time).
-GATHER_SECONDS = 0.04
-GATHER_QUIET_SECONDS = 0.008
+GATHER_SECONDS = 0.08
+GATHER_QUIET_SECONDS = 0.02
 # A shared prompt start shorter than this is not worth a cache entry.
 MIN_PREFIX_TOKENS = 16
 PREFIX_CACHE_ENTRIES = 16
