@@ -101,6 +101,7 @@ def run_ours(base_dir: Path, data: list[dict], epochs: int, out: Path) -> dict:
     from services.trainer.sft import Progress, lora_config, sft_trainer, training_arguments, use_bf16
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    torch.manual_seed(0)  # the LoRA init, as the trainer seeds it (and as the TRL run below does)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), lora_config())
     tokenized = [tokenize_sft(tokenizer, row, 2048) for row in data]
     args = training_arguments(
@@ -168,6 +169,7 @@ def run_trl(base_dir: Path, data: list[dict], epochs: int, out: Path) -> dict:
         disable_tqdm=True,
     )
     dataset = Dataset.from_list([{"messages": row["messages"]} for row in data])
+    torch.manual_seed(0)  # SFTTrainer creates the LoRA adapter before it seeds anything itself
     trainer = SFTTrainer(
         model=model,
         args=config,

@@ -61,8 +61,11 @@ async def read_topic(
             batches = await consumer.getmany(timeout_ms=500)
             for records in batches.values():
                 for record in records:
-                    value = orjson.loads(record.value)
-                    if match(value):
+                    try:
+                        value = orjson.loads(record.value)
+                    except orjson.JSONDecodeError:
+                        continue  # other tests park poison messages on shared topics on purpose
+                    if isinstance(value, dict) and match(value):
                         found.append(value)
             if found and not batches:
                 return found

@@ -612,3 +612,54 @@ async def test_adapter_weight_zero_keeps_the_sft_adapter_after_dpo(tmp_path: Pat
     # ... and the uploaded adapter is that one.
     uploaded = json.loads(await blobs.get_bytes(f"{job.output_prefix}/adapter/adapter_config.json"))
     assert uploaded["r"] == 32 and uploaded["base_model_name_or_path"] == TINY_CHAT
+
+
+def test_length_groups_split_only_where_padding_costs_more_than_a_pass() -> None:
+    from services.trainer.sft import MICRO_BATCH_OVERHEAD_TOKENS, length_groups
+
+    assert length_groups([100] * 8) == [list(range(8))]  # equal lengths: one pass
+    groups = length_groups([50, 400, 60, 380, 55, 200, 52, 390])
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    assert groups[0] == [0, 6, 4, 2] and groups[-1] == [3, 7, 1]  # short rows apart from long ones
+    close = [10, 10 + MICRO_BATCH_OVERHEAD_TOKENS // 2]
+    assert len(length_groups(close)) == 1  # padding saved < one pass's overhead
+
+
+def test_micro_batched_step_gives_the_whole_batchs_gradients(model_store: Path, tmp_path: Path) -> None:
+    """A padded step of mixed lengths runs as several micro-batches; its loss and gradients are
+    the ones the whole batch in one pass gives."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from services.trainer.data import IGNORE
+    from services.trainer.sft import PadCollator, TokenCountingTrainer, length_groups, lora_config
+
+    base_dir = ensure_base_model(TINY_CHAT, store_dir=model_store)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    config = lora_config()
+    config.lora_dropout = 0.0  # training mode: the two passes must see the same network
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    generator = random.Random(3)
+    rows = []
+    for length in (12, 150, 14, 140, 13, 160):
+        ids = [generator.randrange(10, tokenizer.vocab_size) for _ in range(length)]
+        rows.append({"input_ids": ids, "labels": [IGNORE] * (length // 2) + ids[length // 2 :]})
+    batch = PadCollator(tokenizer.pad_token_id)(rows)
+    assert len(length_groups(batch["attention_mask"].sum(-1).tolist())) > 1
+    items = int((batch["labels"][:, 1:] != IGNORE).sum())
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+
+    def step(trainer_class: type[Trainer]) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        trainer = trainer_class(model=model, args=args)
+        loss = trainer.training_step(model, dict(batch), items)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return float(loss), grads
+
+    whole_loss, whole = step(Trainer)
+    split_loss, split = step(TokenCountingTrainer)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert whole.keys() == split.keys() and whole
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
