@@ -310,9 +310,11 @@ class Engine:
         self.prefix_hits += len(seqs) if prefix else 0
 
     def _shared_prefix(self, seqs: list[Sequence]) -> tuple[int, ...]:
-        """A cached prefix every row starts with (the longest), else the start these rows share with
-        each other or with this adapter's previous prompt when it is long enough to cache; a row
-        always keeps at least one token of its own to prefill."""
+        """The longest cached prefix every row starts with; or, when these rows share a start with
+        each other or with this adapter's previous prompt that is longer by at least
+        ``MIN_PREFIX_TOKENS``, that start (to be cached). A row always keeps at least one token of
+        its own to prefill. (Requiring the margin keeps a template's common head in use instead of
+        caching every few words two prompts happen to share after it.)"""
         adapter = seqs[0].adapter
         prompts = [s.prompt_ids for s in seqs]
         limit = min(len(p) for p in prompts) - 1
@@ -323,14 +325,12 @@ class Engine:
             for key_adapter, ids in self._prefixes
             if key_adapter == adapter and len(ids) <= limit and all(_starts_with(p, ids) for p in prompts)
         ]
-        if cached:
-            return max(cached, key=len)
+        best = max(cached, key=len) if cached else ()
         others = prompts + ([previous] if previous else [])
         if len(others) < 2:
-            return ()
-        shared = min(_common_length(prompts[0], other) for other in others[1:])
-        shared = min(shared, limit)
-        return tuple(prompts[0][:shared]) if shared >= MIN_PREFIX_TOKENS else ()
+            return best
+        shared = min(min(_common_length(prompts[0], other) for other in others[1:]), limit)
+        return tuple(prompts[0][:shared]) if shared >= len(best) + MIN_PREFIX_TOKENS else best
 
     def _prefix_cache(self, seqs: list[Sequence], prefix: tuple[int, ...]) -> Any:
         """A KV cache holding ``prefix`` for each of ``seqs`` (computed once per adapter, then copied)."""
