@@ -7,12 +7,16 @@ every call runs in a worker thread. Both backends are safe to call from several 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+
+log = logging.getLogger(__name__)
 
 
 def connect(url: str) -> Client:
@@ -68,6 +72,30 @@ class ClickHouse:
         await asyncio.to_thread(
             self._run, "insert", table, rows, column_names=list(column_names), settings=settings
         )
+
+    async def insert_retrying(
+        self,
+        table: str,
+        rows: Sequence[Sequence[Any]],
+        column_names: Sequence[str],
+        *,
+        give_up_after: float,
+        settings: dict | None = None,
+    ) -> None:
+        """``insert`` with backoff (0.2 s doubling to 5 s) while it fails; raises the last error
+        once ``give_up_after`` seconds would pass. Give ``settings`` an
+        ``insert_deduplication_token`` so a retry that did land once is not stored twice."""
+        delay, deadline = 0.2, time.monotonic() + give_up_after
+        while True:
+            try:
+                await self.insert(table, rows, column_names, settings)
+                return
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("ClickHouse insert into %s failed (%s); retrying in %.1fs", table, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def ping(self) -> bool:
         try:

@@ -77,8 +77,9 @@ def validation_reason(model: type[BaseModel], exc: ValidationError) -> str:
     return f"invalid {model.__name__}: {where}: {first.get('msg')}"
 
 
-async def _raw_record(_msg: object) -> None:
-    """Skip FastStream's decoding: the consumer parses the record itself (poison included)."""
+async def raw_records(_msg: object) -> None:
+    """A FastStream ``decoder`` that skips decoding: the handler parses the record(s) itself, so a
+    poison message reaches the DLQ instead of failing the batch forever."""
     return None
 
 
@@ -114,7 +115,7 @@ def subscribe_with_dlq(
             topic,
             group_id=group_id,
             ack_policy=AckPolicy.NACK_ON_ERROR,
-            decoder=_raw_record,
+            decoder=raw_records,
             **options,
         )(consume)
         return handler

@@ -10,7 +10,6 @@ the event's stable id (tables in ``store.py``), so a re-delivered event is store
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -24,7 +23,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from pydantic import BaseModel, ValidationError
 
 from services.common.clickhouse import ClickHouse
-from services.common.dlq import dead_letter, publish_dead_letter, validation_reason
+from services.common.dlq import dead_letter, publish_dead_letter, raw_records, validation_reason
 from services.common.events import EVAL_EVENTS_TOPIC, JUDGEMENTS_TOPIC, EvalEvent, JudgementEvent
 from services.common.settings import Settings
 
@@ -151,30 +150,6 @@ def dedup_token(table: str, rows: list[list[Any]], key_width: int) -> str:
     return digest.hexdigest()
 
 
-async def insert_with_retry(
-    ch: ClickHouse, table: str, columns: Sequence[str], rows: list[list[Any]], *, give_up_after: float
-) -> None:
-    token = dedup_token(table, rows, len(columns) - 1)  # all but ingested_at_ms, which differs per try
-    delay, deadline = 0.2, time.monotonic() + give_up_after
-    while True:
-        try:
-            await ch.insert(
-                f"{ch.database}.{table}", rows, columns, settings={"insert_deduplication_token": token}
-            )
-            return
-        except Exception as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("ClickHouse insert into %s failed (%s); retrying in %.1fs", table, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
-async def _raw_records(_msg: object) -> None:
-    """Decode in the handler, so a poison record reaches the DLQ instead of failing the batch forever."""
-    return None
-
-
 def _register(
     broker: KafkaBroker,
     ch: ClickHouse,
@@ -195,7 +170,14 @@ def _register(
         now_ms = int(time.time() * 1000)
         rows = [row for event in events for row in to_rows(event, now_ms)]
         if rows:
-            await insert_with_retry(ch, table, columns, rows, give_up_after=settings.log_insert_retry_seconds)
+            await ch.insert_retrying(
+                f"{ch.database}.{table}",
+                rows,
+                columns,
+                give_up_after=settings.log_insert_retry_seconds,
+                # all columns but ingested_at_ms, which differs per try
+                settings={"insert_deduplication_token": dedup_token(table, rows, len(columns) - 1)},
+            )
 
     write.__name__ = write.__qualname__ = f"write_{table}"
     broker.subscriber(
@@ -208,7 +190,7 @@ def _register(
         heartbeat_interval_ms=settings.kafka_heartbeat_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=_raw_records,
+        decoder=raw_records,
     )(write)
 
 

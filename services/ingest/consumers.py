@@ -27,7 +27,7 @@ from services.common import metrics, tracing
 from services.common.auth import KeyRing
 from services.common.catalog import CatalogReader
 from services.common.clickhouse import ClickHouse
-from services.common.dlq import dead_letter
+from services.common.dlq import dead_letter, publish_dead_letter, raw_records
 from services.common.events import LOGS_TOPIC, DeadLetter, dlq_topic
 from services.common.settings import Settings
 from services.ingest import store
@@ -95,20 +95,6 @@ class KnownProjects:
         if missing and self.catalog is not None and await self.catalog.sync():
             missing = {p for p in missing if not self.keyring.knows_project(p)}
         return missing
-
-
-async def insert_with_retry(ch: ClickHouse, rows: list[list], *, give_up_after: float) -> None:
-    delay, deadline = 0.2, time.monotonic() + give_up_after
-    while True:
-        try:
-            await store.insert_rows(ch, rows)
-            return
-        except Exception as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("ClickHouse insert of %d rows failed (%s); retrying in %.1fs", len(rows), exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 @dataclass(frozen=True)
@@ -194,12 +180,6 @@ class InsertPipeline:
             self._rewound[tp] = offset
 
 
-async def _raw_records_only(_msg: object) -> None:
-    """The writer parses raw records itself (poison messages included): skip FastStream's decoding,
-    which would otherwise parse every record's JSON a second time."""
-    return None
-
-
 def register_log_writer(
     broker: KafkaBroker,
     ch: ClickHouse,
@@ -229,7 +209,7 @@ def register_log_writer(
         heartbeat_interval_ms=settings.kafka_heartbeat_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         ack_policy=AckPolicy.MANUAL,  # InsertPipeline commits each batch once it is written
-        decoder=_raw_records_only,
+        decoder=raw_records,  # parsed here, poison included (FastStream would parse each twice)
     )
     async def write_logs(msg: KafkaMessage) -> None:
         records: tuple[ConsumerRecord, ...] = msg.raw_message  # type: ignore[assignment]
@@ -246,7 +226,7 @@ def register_log_writer(
         async def write() -> None:
             if rows:
                 with tracing.consumed_batch(f"{topic} write", records, **{"db.system": "clickhouse"}):
-                    await insert_with_retry(ch, rows, give_up_after=settings.log_insert_retry_seconds)
+                    await store.insert_rows(ch, rows, give_up_after=settings.log_insert_retry_seconds)
                 metrics.INGEST_WRITTEN.inc(len(rows))
                 metrics.observe_end_to_end_lag(record.timestamp for record in records)
             metrics.observe_consumer_lag(msg.consumer, records, group_id)
@@ -267,15 +247,6 @@ async def _rows_or_dead_letters(
     unknown = await projects.unknown({e.project_id for _, e in events}) if projects else set()
     rows, unwritable = rows_from_events(events, unknown)
     for letter in dead + unwritable:
-        await broker.publish(
-            letter.model_dump(mode="json"), dlq_topic(topic), key=letter.key and letter.key.encode()
-        )
+        await publish_dead_letter(broker, letter)
         metrics.INGEST_DLQ.labels(dlq_topic(topic)).inc()
-        log.error(
-            "log event at %s/%d@%d sent to DLQ: %s",
-            letter.topic,
-            letter.partition,
-            letter.offset,
-            letter.reason,
-        )
     return rows

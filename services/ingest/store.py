@@ -148,9 +148,14 @@ def dedup_token(rows: list[list[Any]]) -> str:
     return digest.hexdigest()
 
 
-async def insert_rows(ch: ClickHouse, rows: list[list[Any]]) -> None:
-    await ch.insert(
-        f"{ch.database}.{TABLE}", rows, COLUMNS, settings={"insert_deduplication_token": dedup_token(rows)}
+async def insert_rows(ch: ClickHouse, rows: list[list[Any]], *, give_up_after: float = 0.0) -> None:
+    """Insert log rows, retrying for up to ``give_up_after`` seconds while ClickHouse fails."""
+    await ch.insert_retrying(
+        f"{ch.database}.{TABLE}",
+        rows,
+        COLUMNS,
+        give_up_after=give_up_after,
+        settings={"insert_deduplication_token": dedup_token(rows)},
     )
 
 

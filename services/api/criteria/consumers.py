@@ -6,8 +6,6 @@ database failure nacks the batch, which is read again (stored judgements are ski
 
 from __future__ import annotations
 
-import logging
-
 from aiokafka import ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -15,18 +13,11 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.criteria.service import store_judgements
-from services.common.dlq import dead_letter
-from services.common.events import JUDGEMENTS_TOPIC, DeadLetter, JudgementEvent, dlq_topic
+from services.common.dlq import dead_letter, publish_dead_letter, raw_records
+from services.common.events import JUDGEMENTS_TOPIC, DeadLetter, JudgementEvent
 from services.common.settings import Settings
 
-log = logging.getLogger(__name__)
-
 JUDGEMENTS_GROUP = "api-judgements"
-
-
-async def _raw_records(_msg: object) -> None:
-    """Decode in the handler, so a poison record reaches the DLQ instead of failing the batch forever."""
-    return None
 
 
 def decode(records: tuple[ConsumerRecord, ...]) -> tuple[list[JudgementEvent], list[DeadLetter]]:
@@ -53,24 +44,13 @@ def register_judgements_consumer(
         heartbeat_interval_ms=settings.kafka_heartbeat_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=_raw_records,
+        decoder=raw_records,
     )
     async def store(msg: KafkaMessage) -> None:
         records: tuple[ConsumerRecord, ...] = msg.raw_message  # type: ignore[assignment]
         events, dead = decode(records)
         for letter in dead:
-            await broker.publish(
-                letter.model_dump(mode="json"),
-                dlq_topic(JUDGEMENTS_TOPIC),
-                key=letter.key and letter.key.encode(),
-            )
-            log.error(
-                "judgement at %s/%d@%d sent to DLQ: %s",
-                letter.topic,
-                letter.partition,
-                letter.offset,
-                letter.reason,
-            )
+            await publish_dead_letter(broker, letter)
         if events:
             async with sessions.begin() as session:
                 await store_judgements(session=session, events=events)
