@@ -195,3 +195,24 @@ def serving_assets() -> ServingAssets:
             (root / "blobs" / keys[name]).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, root / "blobs" / keys[name] / path.name)
     return ServingAssets(root, root / "blobs", base_dir, keys["a"], keys["b"], a_dir)
+
+
+def greedy_with_generate(
+    assets: ServingAssets, prompts: list[str], *, max_new_tokens: int
+) -> list[list[int]]:
+    """Each prompt's greedy tokens from plain ``generate()``: on the base, then under adapter A."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.base_dir)
+    plain = AutoModelForCausalLM.from_pretrained(assets.base_dir)
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(assets.base_dir), assets.adapter_a_dir
+    )
+
+    def generate(model: Any, prompt: str) -> list[int]:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+        return out[0, ids.shape[1] :].tolist()
+
+    return [generate(plain, p) for p in prompts] + [generate(tuned, p) for p in prompts]

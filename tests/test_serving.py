@@ -26,6 +26,7 @@ from tests.helpers_serving import (
     TEST_BASE,
     WEATHER,
     WEATHER_TOOL,
+    greedy_with_generate,
     serving_assets,
 )
 
@@ -271,24 +272,12 @@ async def test_least_recently_used_adapter_is_evicted(tmp_path: Path) -> None:
 
 async def test_batched_greedy_decoding_matches_plain_generate() -> None:
     """Rows of different lengths and adapters joining mid-batch decode exactly as generate() does."""
-    import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assets = serving_assets()
     tokenizer = AutoTokenizer.from_pretrained(assets.base_dir)
     prompts = ["The capital of France", "Hello, how can I help you today? The capital of", "abc"]
-    plain = AutoModelForCausalLM.from_pretrained(assets.base_dir)
-    tuned = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(assets.base_dir), assets.adapter_a_dir
-    )
-
-    def generate(model: torch.nn.Module, prompt: str) -> list[int]:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
-        return out[0, ids.shape[1] :].tolist()
-
-    expected = [generate(plain, p) for p in prompts] + [generate(tuned, p) for p in prompts]
+    expected = greedy_with_generate(assets, prompts, max_new_tokens=8)
     engine = Engine(AutoModelForCausalLM.from_pretrained(assets.base_dir), tokenizer)
     engine.eos_ids = set()
     engine.register_adapter("a", assets.adapter_a_dir)
@@ -319,25 +308,13 @@ async def test_batched_greedy_decoding_matches_plain_generate() -> None:
 async def test_prompts_sharing_a_start_prefill_from_the_cached_prefix_and_decode_as_generate_does() -> None:
     """A shared instruction block is computed once per adapter; what follows it, and the tokens
     generated, are exactly what generate() gives on the whole prompt."""
-    import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assets = serving_assets()
     tokenizer = AutoTokenizer.from_pretrained(assets.base_dir)
     shared = "You are a terse assistant. Answer in one short sentence, in plain words, without lists. "
     prompts = [shared + q for q in ("The capital of France", "Hello, how are you", "abc", "Count to three")]
-    plain = AutoModelForCausalLM.from_pretrained(assets.base_dir)
-    tuned = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(assets.base_dir), assets.adapter_a_dir
-    )
-
-    def generate(model: torch.nn.Module, prompt: str) -> list[int]:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
-        return out[0, ids.shape[1] :].tolist()
-
-    expected = [generate(plain, p) for p in prompts] + [generate(tuned, p) for p in prompts]
+    expected = greedy_with_generate(assets, prompts, max_new_tokens=8)
     engine = Engine(AutoModelForCausalLM.from_pretrained(assets.base_dir), tokenizer)
     engine.eos_ids = set()
     engine.register_adapter("a", assets.adapter_a_dir)

@@ -97,7 +97,6 @@ class Engine:
         max_adapters: int = 8,
         context_window: int | None = None,
         device: str = "cpu",
-        prefix_caching: bool = True,
     ) -> None:
         self.model = model.eval()
         # A prefill keeps the logits of each row's last position only: a strided slice of the hidden
@@ -126,7 +125,6 @@ class Engine:
         # (adapter, token ids) -> the KV cache of those tokens for one row; least recently used first
         self._prefixes: OrderedDict[tuple[str | None, tuple[int, ...]], Any] = OrderedDict()
         self._last_prompt: dict[str | None, list[int]] = {}
-        self.prefix_caching = prefix_caching
         self._stopped = False
         self.steps = 0
         self.peak_batch = 0
@@ -291,7 +289,7 @@ class Engine:
         """Prefill rows that share one adapter: from a cached prefix when they all start with one."""
         from transformers import DynamicCache
 
-        prefix = self._shared_prefix(seqs) if self.prefix_caching else ()
+        prefix = self._shared_prefix(seqs)
         start = len(prefix)
         cache = self._prefix_cache(seqs, prefix) if prefix else DynamicCache(config=self.model.config)
         suffixes = [s.prompt_ids[start:] for s in seqs]
