@@ -45,9 +45,7 @@ async def test_clickhouse_unreachable_gives_503(tmp_path: Path, tansu: TansuBrok
     await platform.start()
     # point the routes at a ClickHouse server that is not there
     dead = ClickHouse(f"http://default:pw@127.0.0.1:{free_port()}/distillery")
-    platform.app.state.ingest = IngestDeps(
-        producer=platform.state["ingest"].producer, clickhouse=dead, publish_timeout=5
-    )
+    platform.app.state.ingest = IngestDeps(producer=platform.state["ingest"].producer, clickhouse=dead)
     try:
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=platform.app),

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import socket
 import subprocess
+import threading
 import time
+from functools import partial
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
+import confluent_kafka
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
@@ -40,16 +43,97 @@ def make_broker(kafka_url: str, **kwargs) -> KafkaBroker:
     )
 
 
-def make_producer(kafka_url: str) -> AIOKafkaProducer:
+class AckedProducer:
+    """Publishes ready-made bytes and waits for the broker's ack (``acks=all``), on librdkafka.
+
+    For the hottest publishing path (``/report``): librdkafka batches, sends and retries on its own
+    threads, without the GIL (200 senders against durable Tansu: 15-17 µs of CPU per message,
+    aiokafka's pure-Python producer 32-37 µs, most of it on the event loop). Acks come back through
+    one polling thread, which hands each batch of them to the loop in one call. ``timeout`` bounds
+    each send, broker down included (``message.timeout.ms``); ``linger_ms`` is how long a batch
+    waits for more messages.
+    """
+
+    def __init__(self, kafka_url: str, *, timeout: float = 30.0, linger_ms: int = 5) -> None:
+        self._producer = confluent_kafka.Producer(
+            {
+                "bootstrap.servers": kafka_url,
+                "linger.ms": linger_ms,
+                "batch.size": 1024 * 1024,
+                "message.max.bytes": 16 * 1024 * 1024,
+                "enable.idempotence": False,  # Tansu (the embedded broker) has no idempotence
+                "acks": "all",
+                "message.timeout.ms": max(1, int(timeout * 1000)),
+                "partitioner": "murmur2_random",  # aiokafka's (and Java's) key -> partition
+                # One produce request at a time: what arrives meanwhile joins the next batch.
+                "max.in.flight.requests.per.connection": 1,
+            },
+            logger=log,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._acks: list[tuple[asyncio.Future[None], object]] = []
+        self._polling = False
+        self._poller: threading.Thread | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._polling = True
+        self._poller = threading.Thread(target=self._poll, name="kafka-acks", daemon=True)
+        self._poller.start()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Wait for the acks of every message in flight (up to ``timeout``), then stop polling."""
+        if self._poller is None:
+            return
+        self._polling = False
+        await asyncio.to_thread(self._poller.join)
+        self._poller = None
+        await asyncio.to_thread(self._producer.flush, timeout)  # runs the last acks' callbacks
+        self._resolve(self._take_acks())
+
+    async def send_and_wait(
+        self, topic: str, value: bytes, *, key: bytes | None = None, headers: list | None = None
+    ) -> None:
+        if self._loop is None:
+            raise RuntimeError("AckedProducer.start() was not awaited")
+        acked = self._loop.create_future()
+        try:
+            self._producer.produce(
+                topic, value, key, on_delivery=partial(self._acked, acked), headers=headers
+            )
+        except BufferError:
+            raise confluent_kafka.KafkaException(
+                confluent_kafka.KafkaError(confluent_kafka.KafkaError._QUEUE_FULL)
+            ) from None
+        await acked
+
+    def _acked(self, acked: asyncio.Future[None], error: object, _message: object) -> None:
+        self._acks.append((acked, error))  # on the polling thread; list.append is atomic
+
+    def _take_acks(self) -> list[tuple[asyncio.Future[None], object]]:
+        acks, self._acks = self._acks, []
+        return acks
+
+    def _poll(self) -> None:
+        while self._polling:
+            self._producer.poll(0.1)
+            if self._acks:
+                self._loop.call_soon_threadsafe(self._resolve, self._take_acks())  # type: ignore[union-attr]
+
+    @staticmethod
+    def _resolve(acks: list[tuple[asyncio.Future[None], object]]) -> None:
+        for acked, error in acks:
+            if acked.done():  # the sender was cancelled
+                continue
+            if error is None:
+                acked.set_result(None)
+            else:
+                acked.set_exception(confluent_kafka.KafkaException(error))
+
+
+def make_producer(kafka_url: str, *, timeout: float = 30.0, linger_ms: int = 5) -> AckedProducer:
     """A bare producer for hot paths that publish ready-made bytes (no framework per message)."""
-    return AIOKafkaProducer(
-        bootstrap_servers=kafka_url,
-        linger_ms=5,
-        max_batch_size=1024 * 1024,
-        max_request_size=16 * 1024 * 1024,
-        enable_idempotence=False,
-        acks="all",
-    )
+    return AckedProducer(kafka_url, timeout=timeout, linger_ms=linger_ms)
 
 
 def all_topic_names() -> list[str]:

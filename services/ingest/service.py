@@ -3,7 +3,6 @@ rows are shaped for clients. Both transports (``fastpath.py``, ``views.py``) cal
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -11,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from services.common import metrics, tracing
@@ -19,6 +17,7 @@ from services.common.clickhouse import ClickHouse
 from services.common.errors import bad_request, invalid_input, unavailable
 from services.common.events import LOGS_TOPIC, MAX_UNIX_MS, LogEvent
 from services.common.http import loads_json
+from services.common.kafka import AckedProducer
 from services.common.log_fields import LOG_STATUS_CHOICES, LOG_STATUSES, merge_metadata, new_log_id, stringify
 from services.ingest import store
 from services.ingest.models import (
@@ -190,21 +189,20 @@ async def iter_logs(
 
 @dataclass
 class IngestDeps:
-    producer: AIOKafkaProducer
+    producer: AckedProducer
     clickhouse: ClickHouse
-    publish_timeout: float
 
 
 async def publish_event(d: IngestDeps, event: LogEvent) -> None:
-    """Wait for the broker's ack: a 200 means the log is durable in Kafka."""
+    """Wait for the broker's ack: a 200 means the log is durable in Kafka. The producer gives up
+    after the publish timeout (broker down included)."""
     try:
-        async with asyncio.timeout(d.publish_timeout):
-            await d.producer.send_and_wait(
-                LOGS_TOPIC,
-                event.model_dump_json().encode(),
-                key=event.project_id.encode(),
-                headers=tracing.kafka_headers(),
-            )
+        await d.producer.send_and_wait(
+            LOGS_TOPIC,
+            event.model_dump_json().encode(),
+            key=event.project_id.encode(),
+            headers=tracing.kafka_headers(),
+        )
     except Exception as exc:
         log.warning("publishing log %s failed: %s", event.log_id, type(exc).__name__)
         raise unavailable(

@@ -1,0 +1,80 @@
+"""The /report producer (librdkafka): a returned send is acked by the broker, failures are errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import confluent_kafka
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+
+from services.common.kafka import AckedProducer, TansuBroker, ensure_topics, free_port
+
+
+async def _read_all(kafka_url: str, topic: str, expected: int, timeout: float = 20.0) -> list:
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_url, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()])
+        await consumer.seek_to_beginning()
+        records: list = []
+        deadline = time.monotonic() + timeout
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def test_every_acked_send_is_on_the_topic_under_the_key_partition_aiokafka_would_pick(
+    tansu: TansuBroker,
+) -> None:
+    topic = f"acked-{uuid.uuid4().hex[:8]}"
+    await ensure_topics(tansu.url, [topic])
+    producer = AckedProducer(tansu.url, timeout=10)
+    await producer.start()
+    try:
+        sends = [
+            producer.send_and_wait(topic, f"m{i}".encode(), key=f"project-{i % 5}".encode())
+            for i in range(300)
+        ]
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+    records = await _read_all(tansu.url, topic, 300)
+    assert sorted(r.value for r in records) == sorted(f"m{i}".encode() for i in range(300))
+    # The router publishes logs with aiokafka: one project's logs must land on one partition.
+    partitions = sorted({r.partition for r in records})
+    pick = DefaultPartitioner()
+    for record in records:
+        assert record.partition == pick(record.key, partitions, partitions)
+
+
+async def test_a_send_to_a_broker_that_is_down_fails_within_the_timeout() -> None:
+    producer = AckedProducer(f"127.0.0.1:{free_port()}", timeout=1.0)
+    await producer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(confluent_kafka.KafkaException):
+            await producer.send_and_wait("logs.v1", b"{}", key=b"p")
+    finally:
+        await producer.stop(timeout=1.0)
+    assert time.monotonic() - started < 5
+
+
+async def test_stop_waits_for_the_acks_of_sends_in_flight(tansu: TansuBroker) -> None:
+    topic = f"acked-{uuid.uuid4().hex[:8]}"
+    await ensure_topics(tansu.url, [topic])
+    producer = AckedProducer(tansu.url, timeout=10, linger_ms=200)
+    await producer.start()
+    sends = [asyncio.ensure_future(producer.send_and_wait(topic, b"x", key=b"k")) for _ in range(50)]
+    await asyncio.sleep(0)  # all queued, none acked yet (lingering)
+    await producer.stop()
+    # Acked during stop(): each send returns without error (none is left hanging).
+    await asyncio.wait_for(asyncio.gather(*sends), timeout=1)
+    assert len(await _read_all(tansu.url, topic, 50)) == 50
