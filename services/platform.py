@@ -29,7 +29,7 @@ from services.common.auth import KeyRing
 from services.common.blobstore import blob_store_from_url
 from services.common.catalog import CatalogReader
 from services.common.errors import error_body, install_error_handlers
-from services.common.http import API_PREFIX, BodySizeLimit
+from services.common.http import API_PREFIX, BodySizeLimit, CoalescingHttpToolsProtocol
 from services.common.kafka import ensure_topics, make_broker
 from services.common.rpc import StrictRequests
 from services.common.secrets import load_or_create_key
@@ -283,6 +283,8 @@ async def serve(platform: Platform) -> None:
         log_level="warning",
         log_config=None,  # uvicorn's records go through the root handler (JSON lines, tracing.setup)
         access_log=False,
+        http=CoalescingHttpToolsProtocol,  # one socket write per response
+        proxy_headers=False,  # nothing reads the client's address; X-Forwarded-* parsing is per request
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(platform.settings.shutdown_timeout_seconds / 2)),
     )

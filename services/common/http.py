@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -13,6 +14,7 @@ from pydantic_core import from_json
 from starlette.applications import Starlette
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from services.common.errors import APIError, bad_request, error_body
 
@@ -75,7 +77,11 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit():
+            if int(declared) <= self.max_bytes:
+                # The server reads exactly Content-Length bytes as the body: nothing to watch.
+                await self.app(scope, receive, send)
+                return
             if int(declared) <= self.max_bytes + DRAIN_LIMIT:
                 await drain_body(receive)  # so the client, still sending, can read the 413
             await self._reject(send)
@@ -341,3 +347,59 @@ def openapi_query(*parameters: tuple[str, dict[str, Any], str]) -> dict:
             for name, schema, description in parameters
         ]
     }
+
+
+# --- one socket write per response ---------------------------------------------------------------
+
+COALESCE_LIMIT = 64 * 1024  # a larger pending write (a streamed export, say) leaves at once
+
+
+class CoalescedWrites:
+    """A transport whose writes within one event-loop iteration leave in one ``send``.
+
+    uvicorn writes a response's status line and headers, then its body, each straight to the
+    socket: two system calls (and two wake-ups of the client) for every small JSON answer. Here
+    they are joined and written at the end of the iteration; everything else is the transport's.
+    """
+
+    __slots__ = ("_transport", "_loop", "_pending", "_size")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+        self._size += len(data)
+        if self._size >= COALESCE_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._size = 0
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol over ``CoalescedWrites`` (pass as ``uvicorn.Config(http=...)``)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[arg-type]
