@@ -118,7 +118,10 @@ class AckedProducer:
         while self._polling:
             self._producer.poll(0.1)
             if self._acks:
-                self._loop.call_soon_threadsafe(self._resolve, self._take_acks())  # type: ignore[union-attr]
+                try:
+                    self._loop.call_soon_threadsafe(self._resolve, self._take_acks())  # type: ignore[union-attr]
+                except RuntimeError:  # the loop closed without stop(): no one is waiting
+                    return
 
     @staticmethod
     def _resolve(acks: list[tuple[asyncio.Future[None], object]]) -> None:
