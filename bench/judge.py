@@ -123,7 +123,9 @@ async def measure(port: int, key: str, requests: int, rounds: int, pid: int) -> 
         base_url=f"http://127.0.0.1:{port}/api/v1/",
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
         timeout=aiohttp.ClientTimeout(total=60),
-        connector=aiohttp.TCPConnector(limit=128),
+        # Idle connections are dropped before uvicorn's 5 s keep-alive closes them: reusing one
+        # as the server closes it gave a "connection reset by peer" once.
+        connector=aiohttp.TCPConnector(limit=128, keepalive_timeout=4),
     ) as client:
         await judge_level(client, 4, 16)  # warm up connections and code paths
         lines.append(
