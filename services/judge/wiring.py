@@ -7,11 +7,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent
+from services.common.kafka import make_producer
 from services.judge.criteria import CriteriaCatalog, catalog_sync
 from services.judge.service import Judge, JudgementRecorder, ModelCaller
 
 if TYPE_CHECKING:
     from services.platform import Platform
+
+JSON_HEADERS = [("content-type", b"application/json")]
 
 
 def build_judge(platform: Platform, caller: ModelCaller) -> tuple[CriteriaCatalog, Judge]:
@@ -19,12 +22,21 @@ def build_judge(platform: Platform, caller: ModelCaller) -> tuple[CriteriaCatalo
     catalog = CriteriaCatalog(sync=catalog_sync(platform.catalog))
     platform.catalog.handlers.append(catalog.apply)
 
+    # librdkafka, not the framework's publisher: FastStream's publish was ~8 % of a verdict's CPU.
+    producer = make_producer(settings.kafka_url, timeout=settings.publish_timeout_seconds)
+
     async def publish(event: JudgementEvent) -> None:
-        await platform.broker.publish(
-            event.model_dump(mode="json"), JUDGEMENTS_TOPIC, key=event.project_id.encode()
+        await producer.send_and_wait(
+            JUDGEMENTS_TOPIC,
+            event.model_dump_json().encode(),
+            key=event.project_id.encode(),
+            headers=JSON_HEADERS,
         )
 
     recorder = JudgementRecorder(publish)
+    platform.on_started.append(producer.start)
+    # on_stopping runs last-added first: pending verdicts are published, then the producer stops.
+    platform.on_stopping.append(producer.stop)
     platform.on_stopping.append(recorder.stop)
     judge = Judge(
         caller,
