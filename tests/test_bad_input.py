@@ -15,8 +15,9 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.exc import DBAPIError
 
-from services.common.errors import install_error_handlers
+from services.common.errors import APIError, install_error_handlers
 from services.common.grpc.distillery.v1 import inference_pb2
+from services.common.http import loads_json
 from tests.conftest import Project, RunningPlatform
 from tests.helpers import Stub, assert_error, auth, trailing, wait_for_job
 
@@ -317,3 +318,38 @@ async def test_a_value_postgres_cannot_store_is_a_400_not_a_500() -> None:
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         assert_error(await client.get("/datasets/a%00b"), 400, "NUL")
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"a": 18446744073709551615}', {"a": 2**64 - 1}),
+        (b'{"a": -9223372036854775808}', {"a": -(2**63)}),
+        (b'{"a": 1234567890123456789, "b": 0.5}', {"a": 1234567890123456789, "b": 0.5}),
+        (b'{"id": "123456789012345678901234567890"}', {"id": "123456789012345678901234567890"}),
+        (b'\xef\xbb\xbf[1, "\\ud83d\\ude00"]', [1, "\U0001f600"]),
+    ],
+)
+def test_loads_json_keeps_every_value_exactly(body: bytes, expected: object) -> None:
+    """Both parsing paths (orjson for most bodies, the checked one for long digit runs) give the
+    same values: 64-bit edge integers stay integers, never floats."""
+    value = loads_json(body)
+    assert value == expected
+    assert orjson.dumps(value) == orjson.dumps(expected)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"a": [1, {"b": 18446744073709551616}]}', "a.1.b"),
+        (b'{"a": -9223372036854775809}', "a"),
+        (b'{"a": 100000000000000000000000}', "a"),
+        (b'{"a": 1e400}', "a"),
+        (b'{"a": NaN}', "a"),
+        (b'{"a": "x\\ud800y"}', "a"),
+    ],
+)
+def test_loads_json_refuses_what_the_policy_forbids_naming_the_field(body: bytes, param: str) -> None:
+    with pytest.raises(APIError) as refused:
+        loads_json(body)
+    assert refused.value.status_code == 400 and refused.value.param == param
