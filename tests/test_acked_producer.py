@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 
 import confluent_kafka
 import pytest
@@ -78,3 +79,20 @@ async def test_stop_waits_for_the_acks_of_sends_in_flight(tansu: TansuBroker) ->
     # Acked during stop(): each send returns without error (none is left hanging).
     await asyncio.wait_for(asyncio.gather(*sends), timeout=1)
     assert len(await _read_all(tansu.url, topic, 50)) == 50
+
+
+async def test_stop_closes_the_connections_so_the_broker_can_exit_at_once(tmp_path: Path) -> None:
+    """Tansu waits for open connections before it exits on SIGTERM (the platform kills it 5 s
+    later): a stopped producer must not hold one."""
+    broker = TansuBroker(free_port(), log_path=tmp_path / "tansu.log")
+    broker.start()
+    try:
+        await ensure_topics(broker.url, ["closing"])
+        producer = AckedProducer(broker.url, timeout=10)
+        await producer.start()
+        await producer.send_and_wait("closing", b"x", key=b"k")
+        await producer.stop()
+    finally:
+        started = time.monotonic()
+        await asyncio.to_thread(broker.stop)
+    assert time.monotonic() - started < 3

@@ -82,7 +82,7 @@ class AckedProducer:
         self._poller.start()
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Wait for the acks of every message in flight (up to ``timeout``), then stop polling."""
+        """Wait for the acks of every message in flight (up to ``timeout``), then close."""
         if self._poller is None:
             return
         self._polling = False
@@ -90,6 +90,9 @@ class AckedProducer:
         self._poller = None
         await asyncio.to_thread(self._producer.flush, timeout)  # runs the last acks' callbacks
         self._resolve(self._take_acks())
+        # Close the broker connections now: the embedded broker waits for open connections
+        # before it exits on SIGTERM (5 s until the platform kills it).
+        await asyncio.to_thread(self._producer.close)
 
     async def send_and_wait(
         self, topic: str, value: bytes, *, key: bytes | None = None, headers: list | None = None
