@@ -21,10 +21,11 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def prefer_bf16(hidden_size: int) -> bool:
-    """For training: bf16 on any GPU, and on a CPU that computes it natively for large enough models."""
-    import torch
+def prefer_bf16(hidden_size: int, *, on_gpu: bool | None = None) -> bool:
+    """bf16 on a GPU, and on a CPU that computes it natively for large enough models. ``on_gpu``:
+    whether the model runs on a GPU (default: whether torch sees one)."""
+    if on_gpu is None:
+        import torch
 
-    if torch.cuda.is_available():
-        return True
-    return hidden_size >= BF16_MIN_HIDDEN_SIZE and cpu_has_native_bf16()
+        on_gpu = torch.cuda.is_available()
+    return on_gpu or (hidden_size >= BF16_MIN_HIDDEN_SIZE and cpu_has_native_bf16())

@@ -27,7 +27,7 @@ from services.common.model_store import (
     local_model_dir,
     validate_model_name,
 )
-from services.common.precision import BF16_MIN_HIDDEN_SIZE, cpu_has_native_bf16
+from services.common.precision import prefer_bf16
 from services.serving.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ def serving_dtype(folder: Path, device: str) -> Any:
     from transformers import AutoConfig
 
     hidden = int(getattr(AutoConfig.from_pretrained(folder), "hidden_size", 0) or 0)
-    native = device.startswith("cuda") or (hidden >= BF16_MIN_HIDDEN_SIZE and cpu_has_native_bf16())
-    return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if prefer_bf16(hidden, on_gpu=device.startswith("cuda")) else torch.float32
 
 
 ADAPTER_CONFIG = "adapter_config.json"
