@@ -137,11 +137,6 @@ class AckedProducer:
                 acked.set_exception(confluent_kafka.KafkaException(error))
 
 
-def make_producer(kafka_url: str, *, timeout: float = 30.0, linger_ms: int = 5) -> AckedProducer:
-    """A bare producer for hot paths that publish ready-made bytes (no framework per message)."""
-    return AckedProducer(kafka_url, timeout=timeout, linger_ms=linger_ms)
-
-
 def all_topic_names() -> list[str]:
     return [name for topic in ALL_TOPICS for name in (topic, dlq_topic(topic))]
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from services.common.clickhouse import ClickHouse
 from services.common.http import API_PREFIX, BodySizeLimit
-from services.common.kafka import make_producer
+from services.common.kafka import AckedProducer
 from services.common.secrets import internal_token
 from services.ingest import log_query, store
 from services.ingest.analytics import register_analytics_writers
@@ -33,7 +33,7 @@ async def setup(platform: Platform) -> None:
     )
     register_analytics_writers(platform.broker, ch, settings)
     platform.routers.append(router)
-    producer = make_producer(
+    producer = AckedProducer(
         settings.kafka_url, timeout=settings.publish_timeout_seconds, linger_ms=REPORT_LINGER_MS
     )
     await producer.start()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent
-from services.common.kafka import make_producer
+from services.common.kafka import AckedProducer
 from services.judge.criteria import CriteriaCatalog, catalog_sync
 from services.judge.service import Judge, JudgementRecorder, ModelCaller
 
@@ -23,7 +23,7 @@ def build_judge(platform: Platform, caller: ModelCaller) -> tuple[CriteriaCatalo
     platform.catalog.handlers.append(catalog.apply)
 
     # librdkafka, not the framework's publisher: FastStream's publish was ~8 % of a verdict's CPU.
-    producer = make_producer(settings.kafka_url, timeout=settings.publish_timeout_seconds)
+    producer = AckedProducer(settings.kafka_url, timeout=settings.publish_timeout_seconds)
 
     async def publish(event: JudgementEvent) -> None:
         await producer.send_and_wait(

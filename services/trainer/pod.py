@@ -26,14 +26,14 @@ REQUEST_ENV = "DISTILLERY_TRAINER_REQUEST"
 
 async def train(request: TrainingRequest, settings: Settings) -> str:
     from services.common.blobstore import blob_store_from_url
-    from services.common.kafka import make_producer
+    from services.common.kafka import AckedProducer
     from services.trainer.job import EVENTS_FILE, REQUEST_FILE, Run, read_events
     from services.trainer.service import JobFolder, training_event
 
     folder = JobFolder(settings.resolved_trainer_work_dir() / "jobs" / request.job_id)
     folder.path.mkdir(parents=True, exist_ok=True)
     (folder.path / REQUEST_FILE).write_text(request.model_dump_json())
-    producer = make_producer(settings.kafka_url)
+    producer = AckedProducer(settings.kafka_url)
     await producer.start()
 
     async def relay() -> None:
