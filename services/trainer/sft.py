@@ -327,7 +327,7 @@ def sft_trainer(
 ) -> TokenCountingTrainer:
     """The SFT trainer; with a ``validation`` dataset it is evaluated whole at every checkpoint's
     step and at the end (none: no evaluation at all)."""
-    # Similar lengths in a step: little padding (CPU batches are padded, not flattened).
+    # Steps draw rows at random, as TRL does; on CPU training_step splits each into similar lengths.
     evaluation: dict[str, Any] = {"eval_strategy": "no"}
     if validation is not None:
         evaluation = {
