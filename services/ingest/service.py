@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from services.common import metrics, tracing
 from services.common.clickhouse import ClickHouse
 from services.common.errors import bad_request, invalid_input, unavailable
-from services.common.events import LOGS_TOPIC, MAX_UNIX_MS, LogEvent
+from services.common.events import LOGS_TOPIC, MAX_UNIX_MS, LogEvent, flat_event_json
 from services.common.http import loads_json
 from services.common.kafka import AckedProducer
 from services.common.log_fields import LOG_STATUS_CHOICES, LOG_STATUSES, merge_metadata, new_log_id, stringify
@@ -199,7 +199,7 @@ async def publish_event(d: IngestDeps, event: LogEvent) -> None:
     try:
         await d.producer.send_and_wait(
             LOGS_TOPIC,
-            event.model_dump_json().encode(),
+            flat_event_json(event),
             key=event.project_id.encode(),
             headers=tracing.kafka_headers(),
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent
+from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent, flat_event_json
 from services.common.kafka import AckedProducer
 from services.judge.criteria import CriteriaCatalog, catalog_sync
 from services.judge.service import Judge, JudgementRecorder, ModelCaller
@@ -28,7 +28,7 @@ def build_judge(platform: Platform, caller: ModelCaller) -> tuple[CriteriaCatalo
     async def publish(event: JudgementEvent) -> None:
         await producer.send_and_wait(
             JUDGEMENTS_TOPIC,
-            event.model_dump_json().encode(),
+            flat_event_json(event),
             key=event.project_id.encode(),
             headers=JSON_HEADERS,
         )
