@@ -49,7 +49,8 @@ async def test_every_acked_send_is_on_the_topic_under_the_key_partition_aiokafka
         await producer.stop()
     records = await _read_all(tansu.url, topic, 300)
     assert sorted(r.value for r in records) == sorted(f"m{i}".encode() for i in range(300))
-    # The router publishes logs with aiokafka: one project's logs must land on one partition.
+    # Internal services publish logs with aiokafka (or Java's client): one project's logs must land
+    # on one partition whoever produced them.
     partitions = sorted({r.partition for r in records})
     pick = DefaultPartitioner()
     for record in records:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
+import orjson
 
-from services.common.kafka import TansuBroker, free_port
+from services.common.events import LOGS_TOPIC, LogEvent
+from services.common.kafka import AckedProducer, TansuBroker, ensure_topics, free_port
+from services.common.log_fields import new_log_id
 from services.platform import Platform
+from services.router.log_shipper import LogShipper
 from tests.conftest import BOOTSTRAP_KEY, platform_settings
-from tests.helpers import openai_body
+from tests.helpers import openai_body, read_topic
 
 
 async def test_broker_down_mid_run_gives_503_and_reads_keep_working(tmp_path: Path, chdb_url: str) -> None:
@@ -79,3 +84,30 @@ async def test_platform_uses_the_s3_blob_store_when_configured(
         assert uri.startswith("s3://") and await platform.blobs.get_bytes("probe/hello.txt") == b"hi"
     finally:
         await platform.stop()
+
+
+async def test_router_logs_wait_out_a_broker_outage(tmp_path: Path) -> None:
+    """A proxied call's log is published off the response path: while the broker is down the
+    shipper keeps retrying, and the log arrives once a broker answers on that address."""
+    port = free_port()
+    producer = AckedProducer(f"127.0.0.1:{port}", timeout=1.0)
+    await producer.start()
+    shipper = LogShipper(producer)
+    shipper.start()
+    event = LogEvent(
+        log_id=new_log_id(), project_id="proj_outage", requested_at=1, received_at=2, req_payload={"a": 1}
+    )
+    tansu = TansuBroker(port, log_path=tmp_path / "tansu.log")
+    try:
+        shipper.ship(event)
+        await asyncio.sleep(1.5)  # the first attempt has failed: nothing listened
+        tansu.start()
+        await ensure_topics(tansu.url)
+        await shipper.flush(timeout=30)
+        values = await read_topic(tansu.url, LOGS_TOPIC)
+        assert [orjson.loads(v)["log_id"] for v in values] == [event.log_id]
+        assert LogEvent.model_validate_json(values[0]) == event
+    finally:
+        await shipper.stop()
+        await producer.stop()
+        tansu.stop()

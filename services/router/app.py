@@ -6,6 +6,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from services.common.http import API_PREFIX, BodySizeLimit
+from services.common.kafka import AckedProducer
 from services.common.secrets import internal_token
 from services.router import inference_rpc
 from services.router.cache import make_cache
@@ -37,7 +38,8 @@ async def setup(platform: Platform) -> None:
         ),
     )
     cache = make_cache(settings.redis_url, settings.cache_ttl_seconds, settings.cache_max_entries)
-    shipper = LogShipper(platform.broker)
+    log_producer = AckedProducer(settings.kafka_url, timeout=settings.publish_timeout_seconds)
+    shipper = LogShipper(log_producer)
     chat = ChatService(
         resolver=ModelResolver(catalog, settings),
         upstream=upstream,
@@ -66,6 +68,7 @@ async def setup(platform: Platform) -> None:
     setup_embeddings(platform, chat, internal_token(settings))  # POST /embeddings, gRPC Embeddings
 
     async def start() -> None:
+        await log_producer.start()
         shipper.start()
 
     async def flush_logs() -> None:
@@ -76,5 +79,7 @@ async def setup(platform: Platform) -> None:
         await cache.close()
 
     platform.on_started.append(start)
+    # on_stopping runs last-added first: queued logs are published, then the producer stops.
+    platform.on_stopping.append(log_producer.stop)
     platform.on_stopping.append(flush_logs)
     platform.on_stop.append(close)
