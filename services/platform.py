@@ -12,6 +12,7 @@ import gc
 import importlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +37,11 @@ from services.common.secrets import load_or_create_key
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A worker thread running Python (the ClickHouse client encoding an insert, librdkafka's ack
+# callbacks) keeps the GIL up to the switch interval while the event loop waits for it: Python's
+# default 5 ms became requests' tail latency. ``bench/loop_lag.py`` measures both.
+LOOP_SWITCH_INTERVAL = 0.0005
 
 SERVICES = ("api", "ingest", "router", "relabel", "judge", "eval", "trainer", "serving")
 Hook = Callable[[], Awaitable[None]]
@@ -326,5 +332,6 @@ def run(platform: Platform) -> None:
     import uvloop
 
     tracing.setup(platform.services[0] if len(platform.services) == 1 else "platform")
+    sys.setswitchinterval(LOOP_SWITCH_INTERVAL)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(platform))
