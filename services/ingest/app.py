@@ -19,9 +19,11 @@ from services.ingest.views import router
 if TYPE_CHECKING:
     from services.platform import Platform
 
-# Durable Tansu writes an S3 object per produce request and reads them back for each fetch: at
-# 200 reports in flight (bench/ingest.py) 5 ms batches cost it 0.8 cores, 25 ms batches 0.4.
-REPORT_LINGER_MS = 25
+# Durable Tansu writes an S3 object per produce request and reads them back for each fetch, so
+# short batches cost it CPU; long ones cap /report at (requests in flight / ack latency). At 200 in
+# flight (bench/ingest.py, 2026-11-30): 5 ms 5.5k req/s with Tansu at 0.69 cores and the writer
+# ~1 s behind; 10 ms 4.4-5.1k at 0.5; 15 ms 4.6-5.1k at 0.37; 25 ms 4.2k (latency-bound) at 0.3.
+REPORT_LINGER_MS = 15
 
 
 async def setup(platform: Platform) -> None:
