@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from services.common.clickhouse import ClickHouse
 from services.common.dlq import dead_letter, publish_dead_letter, raw_records, validation_reason
 from services.common.events import EVAL_EVENTS_TOPIC, JUDGEMENTS_TOPIC, EvalEvent, JudgementEvent
+from services.common.kafka import in_slices
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -164,11 +165,15 @@ def _register(
 ) -> None:
     async def write(msg: KafkaMessage) -> None:
         records: tuple[ConsumerRecord, ...] = msg.raw_message  # type: ignore[assignment]
-        events, dead = decode(records, model)
+        now_ms = int(time.time() * 1000)
+        rows: list[list[Any]] = []
+        dead: list = []
+        async for chunk in in_slices(records):
+            events, chunk_dead = decode(chunk, model)
+            dead += chunk_dead
+            rows += [row for event in events for row in to_rows(event, now_ms)]
         for letter in dead:
             await publish_dead_letter(broker, letter)
-        now_ms = int(time.time() * 1000)
-        rows = [row for event in events for row in to_rows(event, now_ms)]
         if rows:
             await ch.insert_retrying(
                 f"{ch.database}.{table}",
