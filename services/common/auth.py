@@ -30,6 +30,9 @@ class KeyRing:
 
     def __init__(self) -> None:
         self._projects_by_hash: dict[str, str] = {}
+        # Keys seen in requests that resolved, so a busy client's key is hashed once, not on every
+        # request (~2 % of /report's CPU). Only valid keys enter, and any revocation empties it.
+        self._projects_by_key: dict[str, str] = {}
         # Every project that has ever had a key: revoking a key does not make its project unknown.
         self._projects: set[str] = set()
 
@@ -38,10 +41,13 @@ class KeyRing:
             return
         if record.deleted:
             self._projects_by_hash.pop(record.id, None)
+            self._projects_by_key.clear()
         else:
             self.add(record.id, str(record.data["project_id"]))
 
     def add(self, key_hash: str, project_id: str) -> None:
+        if self._projects_by_hash.get(key_hash, project_id) != project_id:
+            self._projects_by_key.clear()
         self._projects_by_hash[key_hash] = project_id
         self._projects.add(project_id)
 
@@ -50,7 +56,12 @@ class KeyRing:
         return project_id in self._projects
 
     def project_for(self, api_key: str) -> str | None:
-        return self._projects_by_hash.get(hash_api_key(api_key))
+        project_id = self._projects_by_key.get(api_key)
+        if project_id is None:
+            project_id = self._projects_by_hash.get(hash_api_key(api_key))
+            if project_id is not None:
+                self._projects_by_key[api_key] = project_id
+        return project_id
 
     def __len__(self) -> int:
         return len(self._projects_by_hash)
