@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import grpc
 import openai
 import pytest
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -109,7 +109,8 @@ async def test_chat_completion_trace_reaches_the_clickhouse_write(
 
     await wait_until(router_ready, what="router knows the provider key")
     with trace.get_tracer("test").start_as_current_span("client call") as root:
-        headers = tracing.message_headers()
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
         await client.chat.completions.create(
             model="gpt-4o-mini", messages=messages, store=True, extra_headers=headers
         )

@@ -82,21 +82,13 @@ def setup_tracing(service: str) -> bool:
 
 
 def kafka_headers() -> list[tuple[str, bytes]] | None:
-    """The current trace context as aiokafka record headers, or None when there is none to carry."""
+    """The current trace context as Kafka record headers (librdkafka and aiokafka take the same
+    list), or None when there is none to carry."""
     if not active():
         return None
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return [(key, value.encode()) for key, value in carrier.items()] or None
-
-
-def message_headers() -> dict[str, str]:
-    """The current trace context as FastStream ``publish(headers=...)``."""
-    carrier: dict[str, str] = {}
-    if not active():
-        return carrier
-    propagate.inject(carrier)
-    return carrier
 
 
 def context_from_kafka(headers: Iterable[tuple[str, bytes]] | None) -> otel_context.Context | None:
