@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import httpx
 import orjson
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import BaseModel
 
 from services.common.children import port_open
@@ -150,3 +152,25 @@ async def test_s3_killed_is_restarted_on_its_ports_and_the_broker_keeps_storing(
         assert await read_topic(stack.settings.kafka_url, "after-s3-restart") == [b"stored"]
     finally:
         stack.stop()
+
+
+async def test_a_consumer_stopped_in_its_groups_first_generation_leaves_the_group(tansu) -> None:
+    """Tansu numbers a group's first generation 0 (Kafka: 1). A consumer stopped then must still
+    leave, or a restart within the session timeout waits for the dead member (18 s, not 5 s)."""
+    topic, group = f"leave-{secrets.token_hex(4)}", f"leavers-{secrets.token_hex(4)}"
+    await ensure_topics(tansu.url, [topic])
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=tansu.url, group_id=group)
+    await consumer.start()
+    try:
+        await wait_until(lambda: bool(consumer.assignment()), what="partitions assigned", timeout=30)
+        assert consumer._coordinator.generation == 0  # the case aiokafka does not leave from
+    finally:
+        await consumer.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=tansu.url)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    (group_info,) = described.groups
+    assert group_info[1] == group and group_info[5] == []  # no members left

@@ -17,7 +17,9 @@ from typing import TypeVar
 
 import confluent_kafka
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.consumer.group_coordinator import GroupCoordinator
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.protocol.group import LeaveGroupRequest
 from faststream.kafka import KafkaBroker
 
 from services.common.children import Supervised, clean_env, port_open, spawn, stop_process, wait_for
@@ -40,6 +42,31 @@ async def in_slices(records: Sequence[T], size: int = DECODE_SLICE) -> AsyncIter
         if start:
             await asyncio.sleep(0)
         yield records[start : start + size]
+
+
+_aiokafka_maybe_leave_group = GroupCoordinator._maybe_leave_group
+
+
+async def _leave_group_from_generation_zero(coordinator: GroupCoordinator) -> None:
+    """A stopping consumer leaves its group from generation 0 too.
+
+    Tansu numbers a group's first generation 0 where Kafka starts at 1, and aiokafka leaves a group
+    on stop only from generation 1 on. A consumer stopped in its group's first generation (every
+    consumer of a new install's first run) stayed a member until its session timed out, and a
+    restart within that time waited for the dead member: 18 s instead of 5 s until its partitions
+    were assigned, and a Ctrl-C meanwhile took 14.6 s.
+    """
+    if coordinator.generation == 0 and coordinator.member_id and coordinator._group_instance_id is None:
+        try:
+            await coordinator._send_req(LeaveGroupRequest(coordinator.group_id, coordinator.member_id))
+        except KafkaError as exc:
+            log.warning("leaving consumer group %s failed: %s", coordinator.group_id, exc)
+        coordinator.reset_generation()
+        return
+    await _aiokafka_maybe_leave_group(coordinator)
+
+
+GroupCoordinator._maybe_leave_group = _leave_group_from_generation_zero  # type: ignore[method-assign]
 
 
 def make_broker(kafka_url: str, **kwargs) -> KafkaBroker:
