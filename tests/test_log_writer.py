@@ -6,14 +6,14 @@ import asyncio
 import secrets
 
 import orjson
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaProducer
 
 from examples.publish_logs import log_event, publish
 from services.common.clickhouse import ClickHouse
 from services.common.events import LOGS_TOPIC, DeadLetter, dlq_topic
-from services.common.kafka import DECODE_SLICE, ensure_topics, make_broker
+from services.common.kafka import ensure_topics, make_broker
 from services.ingest import store
-from services.ingest.consumers import WRITER_GROUP, _rows_or_dead_letters, register_log_writer
+from services.ingest.consumers import WRITER_GROUP, register_log_writer
 from tests.conftest import Project, wait_for_count, wait_until
 from tests.helpers import committed_total, read_topic, send_raw
 
@@ -334,29 +334,3 @@ async def test_a_failed_insert_rewinds_and_the_batch_fetched_meanwhile_is_read_a
     assert ch.failed
     assert ch.written[0] == [0, 1, 2, 3]  # the failed batch first, not the one decoded meanwhile
     assert sorted(i for batch in ch.written for i in batch) == list(range(12))  # each written once
-
-
-async def test_a_big_batch_is_decoded_in_slices_with_requests_served_between_them() -> None:
-    """A writer batch of thousands of logs must not hold the event loop (and every request in the
-    process) for the whole decode: other tasks run between slices, and every row comes out."""
-    events = events_for("p-slices", 1000)
-    records = tuple(
-        ConsumerRecord(LOGS_TOPIC, 0, i, 0, 0, b"p-slices", orjson.dumps(e), None, 0, 0, ())
-        for i, e in enumerate(events)
-    )
-    turns = 0
-
-    async def other_requests() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    others = asyncio.create_task(other_requests())
-    await asyncio.sleep(0)
-    try:
-        rows = await _rows_or_dead_letters(make_broker("127.0.0.1:1"), records, LOGS_TOPIC, None)
-    finally:
-        others.cancel()
-    assert [row[1] for row in rows] == [e["log_id"] for e in events]
-    assert turns >= len(records) // DECODE_SLICE

@@ -10,10 +10,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import confluent_kafka
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -29,19 +27,6 @@ from services.common.events import ALL_TOPICS, dlq_topic
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITIONS = 4
-# Records a consumer decodes between two turns of the event loop (~1 ms of work for the log writer).
-DECODE_SLICE = 64
-
-T = TypeVar("T")
-
-
-async def in_slices(records: Sequence[T], size: int = DECODE_SLICE) -> AsyncIterator[Sequence[T]]:
-    """``records`` in slices, letting the event loop run between them: decoding a batch of
-    thousands in one go held every request in the process for tens of milliseconds."""
-    for start in range(0, len(records), size):
-        if start:
-            await asyncio.sleep(0)
-        yield records[start : start + size]
 
 
 _aiokafka_maybe_leave_group = GroupCoordinator._maybe_leave_group

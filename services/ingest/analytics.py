@@ -25,7 +25,6 @@ from pydantic import BaseModel, ValidationError
 from services.common.clickhouse import ClickHouse
 from services.common.dlq import dead_letter, publish_dead_letter, raw_records, validation_reason
 from services.common.events import EVAL_EVENTS_TOPIC, JUDGEMENTS_TOPIC, EvalEvent, JudgementEvent
-from services.common.kafka import in_slices
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -165,15 +164,11 @@ def _register(
 ) -> None:
     async def write(msg: KafkaMessage) -> None:
         records: tuple[ConsumerRecord, ...] = msg.raw_message  # type: ignore[assignment]
-        now_ms = int(time.time() * 1000)
-        rows: list[list[Any]] = []
-        dead: list = []
-        async for chunk in in_slices(records):
-            events, chunk_dead = decode(chunk, model)
-            dead += chunk_dead
-            rows += [row for event in events for row in to_rows(event, now_ms)]
+        events, dead = decode(records, model)
         for letter in dead:
             await publish_dead_letter(broker, letter)
+        now_ms = int(time.time() * 1000)
+        rows = [row for event in events for row in to_rows(event, now_ms)]
         if rows:
             await ch.insert_retrying(
                 f"{ch.database}.{table}",

@@ -29,7 +29,6 @@ from services.common.catalog import CatalogReader
 from services.common.clickhouse import ClickHouse
 from services.common.dlq import dead_letter, publish_dead_letter, raw_records
 from services.common.events import LOGS_TOPIC, DeadLetter, dlq_topic
-from services.common.kafka import in_slices
 from services.common.settings import Settings
 from services.ingest import store
 from services.ingest.log_rows import WireLogEvent, decode_log_event, event_to_row
@@ -244,16 +243,9 @@ async def _rows_or_dead_letters(
     projects: KnownProjects | None,
 ) -> list[list]:
     """The batch's rows to insert; what can never be written is published to the DLQ first."""
-    rows: list[list] = []
-    dead: list[DeadLetter] = []
-    unwritable: list[DeadLetter] = []
-    async for chunk in in_slices(records):
-        events, chunk_dead = decode_records(chunk)
-        unknown = await projects.unknown({e.project_id for _, e in events}) if projects else set()
-        chunk_rows, chunk_unwritable = rows_from_events(events, unknown)
-        rows += chunk_rows
-        dead += chunk_dead
-        unwritable += chunk_unwritable
+    events, dead = decode_records(records)
+    unknown = await projects.unknown({e.project_id for _, e in events}) if projects else set()
+    rows, unwritable = rows_from_events(events, unknown)
     for letter in dead + unwritable:
         await publish_dead_letter(broker, letter)
         metrics.INGEST_DLQ.labels(dlq_topic(topic)).inc()
