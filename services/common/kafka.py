@@ -1,4 +1,5 @@
-"""Kafka: the FastStream broker, explicit topic creation and the embedded Tansu broker."""
+"""Kafka: the FastStream broker, the librdkafka producer, explicit topic creation, the embedded Tansu
+broker, and aiokafka made to leave Tansu's consumer groups on stop."""
 
 from __future__ import annotations
 
