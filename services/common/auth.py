@@ -31,7 +31,7 @@ class KeyRing:
     def __init__(self) -> None:
         self._projects_by_hash: dict[str, str] = {}
         # Keys seen in requests that resolved, so a busy client's key is hashed once, not on every
-        # request (~2 % of /report's CPU). Only valid keys enter, and any revocation empties it.
+        # request (~2 % of /report's CPU). Only valid keys enter; any key record empties it.
         self._projects_by_key: dict[str, str] = {}
         # Every project that has ever had a key: revoking a key does not make its project unknown.
         self._projects: set[str] = set()
@@ -46,8 +46,7 @@ class KeyRing:
             self.add(record.id, str(record.data["project_id"]))
 
     def add(self, key_hash: str, project_id: str) -> None:
-        if self._projects_by_hash.get(key_hash, project_id) != project_id:
-            self._projects_by_key.clear()
+        self._projects_by_key.clear()
         self._projects_by_hash[key_hash] = project_id
         self._projects.add(project_id)
 
