@@ -182,6 +182,8 @@ class Engine:
                 self.model = self.peft.unload()
                 self.peft = None
             else:
+                if self.peft.active_adapter == name:  # make another active first, as peft would
+                    self.peft.set_adapter(next(a for a in self.peft.peft_config if a != name))
                 self.peft.delete_adapter(name)
         log.info("adapter %s evicted (least recently used)", name)
 
