@@ -8,10 +8,12 @@ Starts a fake OpenAI-compatible judge model (``tests/fake_judge.py``) that answe
 provider of a fresh project and creates two criteria. Then:
 
 1. ``POST /criteria/judge`` at concurrency 1, 16 and 64: judgements/s; "overhead" is the latency
-   beyond the upstream's 200 ms (HTTP in, the criteria lookup, rendering, the gRPC hop to the
-   router, the router's path to the upstream and back, parsing the verdict); "judge's own" is
-   the latency minus the judge-model call the judge reports in ``Server-Timing`` (what the judge
-   service itself adds, without the router and upstream);
+   beyond the upstream's 200 ms (HTTP in, the criteria lookup, rendering, the router's path to
+   the upstream and back, parsing the verdict, and any wait for the event loop, the client's
+   included); "beyond the model" is the latency minus the judge-model call the judge reports in
+   ``Server-Timing`` (the same without the router's path and the upstream); "judge's code" is
+   what the judge reports in ``Server-Timing`` for its handler minus that call (the judge's own
+   work in the server: auth, validation, the criteria lookup, rendering, parsing the verdict);
 2. best-of-N: ``POST /chat/completions`` with ``n=4`` and ``op-criteria`` naming both criteria
    (8 judge calls) against the same request without criteria, one at a time.
 
@@ -68,13 +70,20 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def server_timing(header: str) -> dict[str, float]:
+    """``judge;dur=201.30, model;dur=200.90`` -> {"judge": 0.2013, "model": 0.2009} (seconds)."""
+    metrics = (part.strip().partition(";dur=") for part in header.split(","))
+    return {name: float(ms) / 1000 for name, _, ms in metrics}
+
+
 async def judge_level(
     client: aiohttp.ClientSession, concurrency: int, total: int
-) -> tuple[float, list[float], list[float], int]:
-    """Wall time, latencies, the judge's own time per judgement (latency minus the judge-model
-    call it reports in Server-Timing) and failures."""
+) -> tuple[float, list[float], list[float], list[float], int]:
+    """Wall time, latencies, the time per judgement beyond the judge-model call (client-measured),
+    the judge's code's time in the server (both from Server-Timing) and failures."""
     latencies: list[float] = []
-    own: list[float] = []
+    beyond_model: list[float] = []
+    code: list[float] = []
     failures = 0
     queue = iter(range(total))
 
@@ -90,15 +99,16 @@ async def judge_level(
                 failures += 1
                 continue
             latencies.append(elapsed)
-            model_ms = float(response.headers["server-timing"].partition("dur=")[2])
-            own.append(elapsed - model_ms / 1000)
+            timing = server_timing(response.headers["server-timing"])
+            beyond_model.append(elapsed - timing["model"])
+            code.append(timing["judge"] - timing["model"])
 
     started = time.perf_counter()
     # Workers start spread over one upstream latency, as independent callers would arrive; started
     # together against an upstream that always takes exactly 200 ms they would stay in lockstep and
     # every judgement would queue behind the whole wave of its siblings.
     await asyncio.gather(*(worker(i / concurrency * UPSTREAM_LATENCY) for i in range(concurrency)))
-    return time.perf_counter() - started, latencies, own, failures
+    return time.perf_counter() - started, latencies, beyond_model, code, failures
 
 
 async def chat_latencies(client: aiohttp.ClientSession, rounds: int, criteria: bool) -> list[float]:
@@ -130,24 +140,27 @@ async def measure(port: int, key: str, requests: int, rounds: int, pid: int) -> 
         await judge_level(client, 4, 16)  # warm up connections and code paths
         lines.append(
             "| concurrency | judgements | judgements/s | latency p50 | overhead p50 / p99 "
-            "| judge's own p50 / p99 | platform CPU per judgement | failed |"
+            "| beyond the model p50 / p99 | judge's code p50 / p99 | platform CPU per judgement "
+            "| failed |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         one_judge = UPSTREAM_LATENCY
         for level in LEVELS:
             total = min(100, requests) if level == 1 else max(requests, level * 2)
             cpu_before = cpu_seconds(pid)
-            wall, latencies, own, failed = await judge_level(client, level, total)
+            wall, latencies, beyond_model, code, failed = await judge_level(client, level, total)
             cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, len(latencies))
             overhead = [(x - UPSTREAM_LATENCY) * 1000 for x in latencies]
-            own_ms = [x * 1000 for x in own]
+            beyond_ms = [x * 1000 for x in beyond_model]
+            code_ms = [x * 1000 for x in code]
             if level == 1:
                 one_judge = statistics.median(latencies)
             lines.append(
                 f"| {level} | {len(latencies)} | {len(latencies) / wall:.1f} | "
                 f"{pct(latencies, 50) * 1000:.1f} ms | "
                 f"{pct(overhead, 50):.1f} / {pct(overhead, 99):.1f} ms | "
-                f"{pct(own_ms, 50):.1f} / {pct(own_ms, 99):.1f} ms | {cpu_ms:.1f} ms | {failed} |"
+                f"{pct(beyond_ms, 50):.1f} / {pct(beyond_ms, 99):.1f} ms | "
+                f"{pct(code_ms, 50):.2f} / {pct(code_ms, 99):.2f} ms | {cpu_ms:.1f} ms | {failed} |"
             )
             print(lines[-1], flush=True)
         await chat_latencies(client, 2, True)

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from tests.conftest import Project, RunningPlatform, wait_for_count
+from tests.fake_judge import FakeJudge, create_criterion, fake_judge, use_fake_judge  # noqa: F401
 from tests.helpers import MESSAGES, openai_body
 
 
@@ -93,11 +94,31 @@ async def test_chat_completions_through_both_transports(ready: Project, views: h
         assert errors[0].json() == errors[1].json()
 
 
-async def test_judge_through_both_transports(project: Project, views: httpx.AsyncClient) -> None:
+def server_timing(response: httpx.Response) -> dict[str, float]:
+    parts = (part.strip().partition(";dur=") for part in response.headers["server-timing"].split(","))
+    return {name: float(ms) for name, _, ms in parts}
+
+
+async def test_judge_through_both_transports(
+    project: Project,
+    views: httpx.AsyncClient,
+    fake_judge: FakeJudge,  # noqa: F811
+) -> None:
     body = {"criterion_id": "no-such-criterion", "output": {"role": "assistant", "content": "hi"}}
     async with project.client() as fast:
+        await use_fake_judge(fast, fake_judge)
+        await create_criterion(fast, "parity")
+        judged = [
+            (await client.post("/criteria/judge", json={**body, "criterion_id": "parity"}))
+            for client in (fast, views)
+        ]
         unknown = [(await client.post("/criteria/judge", json=body)) for client in (fast, views)]
         bad = [(await client.post("/criteria/judge", json={"output": {}})) for client in (fast, views)]
+    assert [r.status_code for r in judged] == [200, 200]
+    assert judged[0].json() == judged[1].json() and judged[0].json()["judgement"] == "PASS"
+    for response in judged:  # the handler's time and the judge model's part of it, in ms
+        timing = server_timing(response)
+        assert timing["judge"] >= timing["model"] > 0
     assert [r.status_code for r in unknown] == [404, 404]
     assert (
         unknown[0].json() == unknown[1].json() and unknown[0].json()["error"]["code"] == "criterion_not_found"

@@ -4,6 +4,7 @@ a fifth of the judge's CPU per verdict); the FastAPI route in ``views.py`` docum
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -26,6 +27,7 @@ class JudgeEndpoint:
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         try:
             project_id = resolve_project(self.keyring, bearer_header(scope))
             payload = loads_json(await read_body(receive))
@@ -38,10 +40,11 @@ class JudgeEndpoint:
             await send_error(send, exc)
             return
         raw = orjson.dumps(out.model_dump(exclude_none=True))
+        timing = server_timing(total_seconds=time.perf_counter() - started, model_seconds=model_seconds)
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(raw)).encode()),
-            (b"server-timing", server_timing(model_seconds).encode()),
+            (b"server-timing", timing.encode()),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": raw})

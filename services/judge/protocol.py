@@ -45,6 +45,8 @@ class JudgeOut(BaseModel):
     judgement: str = Field(description="PASS or FAIL")
 
 
-def server_timing(model_seconds: float) -> str:
-    """How long the judge model took, so callers can tell the judge's own time apart."""
-    return f"model;dur={model_seconds * 1000:.2f}"
+def server_timing(*, total_seconds: float, model_seconds: float) -> str:
+    """The ``Server-Timing`` header: ``judge`` is the request's time in the judge's handler,
+    ``model`` the part of it spent waiting for the judge model (router and upstream), so callers
+    can tell the judge's own time apart."""
+    return f"judge;dur={total_seconds * 1000:.2f}, model;dur={model_seconds * 1000:.2f}"

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Depends, Request, Response
 
 from services.common.auth import require_project
@@ -18,6 +20,9 @@ async def judge_criterion(
 ) -> JudgeOut:
     """Also served framework-free by ``fastpath.JudgeEndpoint`` (same checks and answers); see
     ``service.judge_once``."""
+    started = time.perf_counter()
     out, model_seconds = await judge_once(request.app.state.judge_service, project_id, body)
-    response.headers["server-timing"] = server_timing(model_seconds)
+    response.headers["server-timing"] = server_timing(
+        total_seconds=time.perf_counter() - started, model_seconds=model_seconds
+    )
     return out
