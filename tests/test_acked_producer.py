@@ -69,6 +69,26 @@ async def test_a_send_to_a_broker_that_is_down_fails_within_the_timeout() -> Non
     assert time.monotonic() - started < 5
 
 
+async def test_a_send_when_the_local_queue_is_full_fails_at_once() -> None:
+    """librdkafka queues up to 100,000 messages while the broker is away; the next send must fail
+    at once (``/report`` answers 503) rather than wait or grow the queue without bound."""
+    producer = AckedProducer(f"127.0.0.1:{free_port()}", timeout=2.0)
+    await producer.start()
+    queued = [asyncio.create_task(producer.send_and_wait("logs.v1", b"{}", key=b"p")) for _ in range(100_000)]
+    try:
+        await asyncio.sleep(0)  # every task has handed its message to librdkafka
+        assert not any(task.done() for task in queued)
+        started = time.monotonic()
+        with pytest.raises(confluent_kafka.KafkaException) as refused:
+            await producer.send_and_wait("logs.v1", b"{}", key=b"p")
+        assert refused.value.args[0].code() == confluent_kafka.KafkaError._QUEUE_FULL
+        assert time.monotonic() - started < 1
+    finally:
+        for task in queued:
+            task.cancel()
+        await producer.stop(timeout=3.0)
+
+
 async def test_stop_waits_for_the_acks_of_sends_in_flight(tansu: TansuBroker) -> None:
     topic = f"acked-{uuid.uuid4().hex[:8]}"
     await ensure_topics(tansu.url, [topic])
