@@ -14,7 +14,21 @@ from services.judge.service import judge_once
 router = APIRouter(tags=["criteria"])
 
 
-@router.post("/criteria/judge", response_model=JudgeOut, response_model_exclude_none=True)
+SERVER_TIMING_DOC = {
+    "Server-Timing": {
+        "description": "`judge;dur=<ms>, model;dur=<ms>`: the request's time in the judge and the "
+        "part of it spent waiting for the judge model; the difference is the judge's own time.",
+        "schema": {"type": "string"},
+    }
+}
+
+
+@router.post(
+    "/criteria/judge",
+    response_model=JudgeOut,
+    response_model_exclude_none=True,
+    responses={200: {"headers": SERVER_TIMING_DOC}},
+)
 async def judge_criterion(
     body: JudgeBody, request: Request, response: Response, project_id: str = Depends(require_project)
 ) -> JudgeOut:
