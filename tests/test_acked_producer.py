@@ -82,7 +82,7 @@ async def test_a_send_when_the_local_queue_is_full_fails_at_once() -> None:
         with pytest.raises(confluent_kafka.KafkaException) as refused:
             await producer.send_and_wait("logs.v1", b"{}", key=b"p")
         assert refused.value.args[0].code() == confluent_kafka.KafkaError._QUEUE_FULL
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < 2.0  # refused, not timed out after the 2 s publish timeout
     finally:
         for task in queued:
             task.cancel()
