@@ -12,8 +12,8 @@ provider of a fresh project and creates two criteria. Then:
    the upstream and back, parsing the verdict, and any wait for the event loop, the client's
    included); "beyond the model" is the latency minus the judge-model call the judge reports in
    ``Server-Timing`` (the same without the router's path and the upstream); "judge's code" is
-   what the judge reports in ``Server-Timing`` for its handler minus that call (the judge's own
-   work in the server: auth, validation, the criteria lookup, rendering, parsing the verdict);
+   what the judge reports in ``Server-Timing`` for its work minus that call (the judge's own
+   work in the server: the criteria lookup, rendering, parsing the verdict);
 2. best-of-N: ``POST /chat/completions`` with ``n=4`` and ``op-criteria`` naming both criteria
    (8 judge calls) against the same request without criteria, one at a time.
 
@@ -40,6 +40,7 @@ import aiohttp  # noqa: E402
 from platform_stack import PYTHON, Http, PlatformStack, cpu_seconds  # noqa: E402
 
 from services.common.kafka import free_port  # noqa: E402
+from services.judge.protocol import parse_server_timing  # noqa: E402
 
 UPSTREAM_LATENCY = 0.2
 LEVELS = (1, 16, 64)
@@ -70,12 +71,6 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def server_timing(header: str) -> dict[str, float]:
-    """``judge;dur=201.30, model;dur=200.90`` -> {"judge": 0.2013, "model": 0.2009} (seconds)."""
-    metrics = (part.strip().partition(";dur=") for part in header.split(","))
-    return {name: float(ms) / 1000 for name, _, ms in metrics}
-
-
 async def judge_level(
     client: aiohttp.ClientSession, concurrency: int, total: int
 ) -> tuple[float, list[float], list[float], list[float], int]:
@@ -99,9 +94,9 @@ async def judge_level(
                 failures += 1
                 continue
             latencies.append(elapsed)
-            timing = server_timing(response.headers["server-timing"])
-            beyond_model.append(elapsed - timing["model"])
-            code.append(timing["judge"] - timing["model"])
+            timing_ms = parse_server_timing(response.headers["server-timing"])
+            beyond_model.append(elapsed - timing_ms["model"] / 1000)
+            code.append((timing_ms["judge"] - timing_ms["model"]) / 1000)
 
     started = time.perf_counter()
     # Workers start spread over one upstream latency, as independent callers would arrive; started

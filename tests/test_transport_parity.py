@@ -13,6 +13,7 @@ import httpx
 import orjson
 import pytest
 
+from services.judge.protocol import parse_server_timing
 from tests.conftest import Project, RunningPlatform, wait_for_count
 from tests.fake_judge import FakeJudge, create_criterion, fake_judge, use_fake_judge  # noqa: F401
 from tests.helpers import MESSAGES, openai_body
@@ -94,11 +95,6 @@ async def test_chat_completions_through_both_transports(ready: Project, views: h
         assert errors[0].json() == errors[1].json()
 
 
-def server_timing(response: httpx.Response) -> dict[str, float]:
-    parts = (part.strip().partition(";dur=") for part in response.headers["server-timing"].split(","))
-    return {name: float(ms) for name, _, ms in parts}
-
-
 async def test_judge_through_both_transports(
     project: Project,
     views: httpx.AsyncClient,
@@ -117,7 +113,7 @@ async def test_judge_through_both_transports(
     assert [r.status_code for r in judged] == [200, 200]
     assert judged[0].json() == judged[1].json() and judged[0].json()["judgement"] == "PASS"
     for response in judged:  # the handler's time and the judge model's part of it, in ms
-        timing = server_timing(response)
+        timing = parse_server_timing(response.headers["server-timing"])
         assert timing["judge"] >= timing["model"] > 0
     assert [r.status_code for r in unknown] == [404, 404]
     assert (

@@ -4,7 +4,6 @@ a fifth of the judge's CPU per verdict); the FastAPI route in ``views.py`` docum
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -14,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 from services.common.auth import KeyRing, resolve_project
 from services.common.errors import APIError, invalid_input
 from services.common.http import bearer_header, loads_json, read_body, send_error
-from services.judge.protocol import JudgeBody, server_timing
+from services.judge.protocol import JudgeBody
 from services.judge.service import judge_once
 
 
@@ -27,7 +26,6 @@ class JudgeEndpoint:
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
         try:
             project_id = resolve_project(self.keyring, bearer_header(scope))
             payload = loads_json(await read_body(receive))
@@ -35,12 +33,11 @@ class JudgeEndpoint:
                 body = JudgeBody.model_validate(payload)
             except ValidationError as exc:
                 raise invalid_input(exc.errors()) from None
-            out, model_seconds = await judge_once(self.service, project_id, body)
+            out, timing = await judge_once(self.service, project_id, body)
         except APIError as exc:
             await send_error(send, exc)
             return
         raw = orjson.dumps(out.model_dump(exclude_none=True))
-        timing = server_timing(total_seconds=time.perf_counter() - started, model_seconds=model_seconds)
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(raw)).encode()),

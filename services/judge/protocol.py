@@ -46,7 +46,13 @@ class JudgeOut(BaseModel):
 
 
 def server_timing(*, total_seconds: float, model_seconds: float) -> str:
-    """The ``Server-Timing`` header: ``judge`` is the request's time in the judge's handler,
+    """The ``Server-Timing`` header: ``judge`` is the time the judge spent on the validated request,
     ``model`` the part of it spent waiting for the judge model (router and upstream), so callers
     can tell the judge's own time apart."""
     return f"judge;dur={total_seconds * 1000:.2f}, model;dur={model_seconds * 1000:.2f}"
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """``judge;dur=201.30, model;dur=200.90`` -> ``{"judge": 201.3, "model": 200.9}`` (ms)."""
+    metrics = (part.strip().partition(";dur=") for part in header.split(","))
+    return {name: float(ms) for name, _, ms in metrics}

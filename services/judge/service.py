@@ -29,7 +29,7 @@ from services.common.errors import APIError
 from services.common.events import JudgementEvent
 from services.common.pricing import cost_usd
 from services.judge.criteria import CriterionVersion
-from services.judge.protocol import JudgeBody, JudgeOut, JudgeUsageOut
+from services.judge.protocol import JudgeBody, JudgeOut, JudgeUsageOut, server_timing
 
 log = logging.getLogger(__name__)
 
@@ -466,11 +466,12 @@ class JudgementRecorder:
 # --- POST /criteria/judge (fastpath.py and views.py) -------------------------------------------
 
 
-async def judge_once(service: Any, project_id: str, body: JudgeBody) -> tuple[JudgeOut, float]:
-    """The verdict and the seconds spent waiting for the judge model. Unknown criterion or version:
+async def judge_once(service: Any, project_id: str, body: JudgeBody) -> tuple[JudgeOut, str]:
+    """The verdict and its ``Server-Timing`` header value. Unknown criterion or version:
     404 ``criterion_not_found``. A judge model that fails after retries: its status (429 rate
     limited, 400 when the judge model cannot be routed, 422 ``invalid_judgement`` when its reply
     stayed malformed, else 502), with ``code`` saying why."""
+    started = time.perf_counter()
     criterion = await service.catalog.resolve(project_id, body.criterion_id)
     row_input = body.input.model_dump(exclude_none=True) if body.input else {}
     output = body.output.model_dump(exclude_none=True)
@@ -489,4 +490,7 @@ async def judge_once(service: Any, project_id: str, body: JudgeBody) -> tuple[Ju
         criterion_id=criterion.id,
         judgement=verdict.judgement or "",
     )
-    return out, verdict.usage.model_seconds
+    timing = server_timing(
+        total_seconds=time.perf_counter() - started, model_seconds=verdict.usage.model_seconds
+    )
+    return out, timing

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Depends, Request, Response
 
 from services.common.auth import require_project
-from services.judge.protocol import JudgeBody, JudgeOut, server_timing
+from services.judge.protocol import JudgeBody, JudgeOut
 from services.judge.service import judge_once
 
 router = APIRouter(tags=["criteria"])
@@ -34,9 +32,6 @@ async def judge_criterion(
 ) -> JudgeOut:
     """Also served framework-free by ``fastpath.JudgeEndpoint`` (same checks and answers); see
     ``service.judge_once``."""
-    started = time.perf_counter()
-    out, model_seconds = await judge_once(request.app.state.judge_service, project_id, body)
-    response.headers["server-timing"] = server_timing(
-        total_seconds=time.perf_counter() - started, model_seconds=model_seconds
-    )
+    out, timing = await judge_once(request.app.state.judge_service, project_id, body)
+    response.headers["server-timing"] = timing
     return out
