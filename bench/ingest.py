@@ -953,7 +953,7 @@ def main() -> None:
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--load-processes", type=int, default=2, help="Python load generator processes")
     parser.add_argument("--timeout", type=float, default=120, help="max wait for a run to become queryable")
-    parser.add_argument("--poll", type=float, default=0.05, help="/logs/count poll interval, seconds")
+    parser.add_argument("--poll", type=float, default=0.25, help="/logs/count poll interval, seconds")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the temp data dir (logs) for inspection")
     parser.add_argument(

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 # short batches cost it CPU; long ones cap /report at (requests in flight / ack latency). At 200 in
 # flight (bench/ingest.py, 2026-11-30): 5 ms 5.5k req/s with Tansu at 0.69 cores and the writer
 # ~1 s behind; 10 ms 4.4-5.1k at 0.5; 15 ms 4.6-5.1k at 0.37; 25 ms 4.2k (latency-bound) at 0.3.
-REPORT_LINGER_MS = 15
+# Once the writer fetched in larger batches (``log_fetch_min_bytes``) the platform had CPU to spare:
+# 10 ms 5.2-5.6k req/s (Tansu 0.52 cores), 15 ms 4.8-5.1k (Tansu 0.37-0.40), alternate runs.
+REPORT_LINGER_MS = 10
 
 
 async def setup(platform: Platform) -> None:

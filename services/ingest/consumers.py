@@ -203,7 +203,7 @@ def register_log_writer(
         auto_offset_reset="earliest",
         max_records=settings.log_batch_max_rows,
         batch_timeout_ms=settings.log_batch_max_ms,
-        fetch_min_bytes=1,
+        fetch_min_bytes=settings.log_fetch_min_bytes,
         fetch_max_wait_ms=settings.log_batch_max_ms,
         max_partition_fetch_bytes=8 * 1024 * 1024,
         heartbeat_interval_ms=settings.kafka_heartbeat_ms,
