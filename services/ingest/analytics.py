@@ -187,6 +187,8 @@ def _register(
         auto_offset_reset="earliest",
         max_records=settings.log_batch_max_rows,
         batch_timeout_ms=settings.log_batch_max_ms,
+        fetch_min_bytes=settings.log_fetch_min_bytes,  # fewer, larger inserts, as the log writer
+        fetch_max_wait_ms=settings.log_batch_max_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         ack_policy=AckPolicy.NACK_ON_ERROR,
