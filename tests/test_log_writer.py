@@ -332,5 +332,7 @@ async def test_a_failed_insert_rewinds_and_the_batch_fetched_meanwhile_is_read_a
     finally:
         await broker.stop()
     assert ch.failed
-    assert ch.written[0] == [0, 1, 2, 3]  # the failed batch first, not the one decoded meanwhile
-    assert sorted(i for batch in ch.written for i in batch) == list(range(12))  # each written once
+    # The failed batch's events first, not the batch decoded meanwhile; then the rest in order, each
+    # once. (How many records a fetch after the rewind brings back is the broker's choice.)
+    assert ch.written[0][0] == 0
+    assert [i for batch in ch.written for i in batch] == list(range(12))
