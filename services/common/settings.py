@@ -61,9 +61,9 @@ class Settings(BaseSettings):
     log_batch_max_rows: int = 10_000  # per ClickHouse insert; 10k rows cost ~25% less per row than 5k
     log_batch_max_ms: int = 500
     # The broker holds each ClickHouse writer's fetch (logs, judgements, eval results) until this
-    # much is there or log_batch_max_ms passed. With 1 (answer at once) a steady load came back in
-    # many small fetches and inserts: ~25 % more platform CPU per /report and per judgement
-    # (bench/README.md, 2026-11-30).
+    # much is there or log_batch_max_ms passed (the api's judgements store: 200 ms). With 1 (answer
+    # at once) a steady load came back in many small fetches and inserts: ~25 % more platform CPU
+    # per /report and per judgement (bench/README.md, 2026-11-30).
     log_fetch_min_bytes: int = 1024 * 1024
     # How long the writer keeps retrying a failing ClickHouse insert before handing the batch
     # back to Kafka (uncommitted) to be consumed again.

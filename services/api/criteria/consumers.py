@@ -41,9 +41,9 @@ def register_judgements_consumer(
         auto_offset_reset="earliest",
         max_records=500,
         batch_timeout_ms=200,
-        # A fetch waits up to 200 ms for 1 MiB: a few larger transactions a second rather than one
-        # per handful of verdicts (~10 % of the platform's CPU per judgement at c=16-64, judge.py).
-        fetch_min_bytes=1024 * 1024,
+        # A few larger transactions a second rather than one per handful of verdicts (~10 % of the
+        # platform's CPU per judgement at c=16-64, judge.py).
+        fetch_min_bytes=settings.log_fetch_min_bytes,
         fetch_max_wait_ms=200,
         heartbeat_interval_ms=settings.kafka_heartbeat_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
