@@ -69,7 +69,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def make_adapter(base_dir: Path, out: Path) -> None:
+def make_adapter(base: str, base_dir: Path, out: Path) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -90,12 +90,12 @@ def make_adapter(base_dir: Path, out: Path) -> None:
                 param.mul_(0.05)  # small, so answers stay fluent-ish instead of noise
     peft_model.save_pretrained(out)
     cfg = json.loads((out / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = SMOLLM2
+    cfg["base_model_name_or_path"] = base
     (out / "adapter_config.json").write_text(json.dumps(cfg))
 
 
 class Server:
-    def __init__(self, tmp: Path, store_dir: Path) -> None:
+    def __init__(self, tmp: Path, store_dir: Path, base: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "model-server.log"
@@ -107,7 +107,7 @@ class Server:
             "DISTILLERY_MODEL_SERVER_MAX_BATCH": "16",
             "HF_HUB_OFFLINE": "1",
         }
-        command = [sys.executable, "-m", "services.serving", "--port", str(self.port), "--preload", SMOLLM2]
+        command = [sys.executable, "-m", "services.serving", "--port", str(self.port), "--preload", base]
         self.process = subprocess.Popen(
             command,
             cwd=ROOT,
@@ -192,8 +192,8 @@ async def run_concurrency(url: str, concurrency: int, prompts: list[str], max_to
 
 
 def plain_generate(base_dir: Path, adapter_dir: Path, prompts: list[str], max_tokens: int) -> dict:
-    """The same requests, one at a time, with peft + model.generate() (greedy), in the dtype the
-    model server uses for this base on this machine."""
+    """The same requests, one at a time, with peft + model.generate() (greedy), on the device and
+    in the dtype the model server uses for this base on this machine."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
@@ -201,10 +201,9 @@ def plain_generate(base_dir: Path, adapter_dir: Path, prompts: list[str], max_to
     from services.serving.registry import serving_dtype
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    dtype = serving_dtype(base_dir, "cpu")
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), str(adapter_dir)
-    ).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=serving_dtype(base_dir, device))
+    model = PeftModel.from_pretrained(base_model.to(device), str(adapter_dir)).eval()
     ttfts: list[float] = []
     tokens = 0
     start_all = time.perf_counter()
@@ -212,7 +211,7 @@ def plain_generate(base_dir: Path, adapter_dir: Path, prompts: list[str], max_to
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         start = time.perf_counter()
         output: dict = {}
@@ -244,7 +243,7 @@ def plain_generate(base_dir: Path, adapter_dir: Path, prompts: list[str], max_to
     }
 
 
-def router_added_latency(server_url: str, samples: int) -> tuple[float, float, float, float]:
+def router_added_latency(server_url: str, base: str, samples: int) -> tuple[float, float, float, float]:
     """Added ms (p50, p99 of routed minus direct, paired) and the direct and routed p50 of 1-token answers."""
     sys.path.insert(0, str(ROOT / "bench"))
     from platform_stack import PlatformStack
@@ -258,9 +257,7 @@ def router_added_latency(server_url: str, samples: int) -> tuple[float, float, f
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(timeout=60) as client:
             for _ in range(100):  # the key reaches the router over catalog.v1
-                r = client.post(
-                    routed_url, json={**body, "model": f"openpipe:base/{SMOLLM2}"}, headers=headers
-                )
+                r = client.post(routed_url, json={**body, "model": f"openpipe:base/{base}"}, headers=headers)
                 if r.status_code == 200:
                     break
                 time.sleep(0.2)
@@ -268,13 +265,11 @@ def router_added_latency(server_url: str, samples: int) -> tuple[float, float, f
             for _ in range(samples):
                 t = time.perf_counter()
                 client.post(
-                    f"{server_url}/v1/chat/completions", json={**body, "model": SMOLLM2}
+                    f"{server_url}/v1/chat/completions", json={**body, "model": base}
                 ).raise_for_status()
                 direct.append((time.perf_counter() - t) * 1000)
                 t = time.perf_counter()
-                r = client.post(
-                    routed_url, json={**body, "model": f"openpipe:base/{SMOLLM2}"}, headers=headers
-                )
+                r = client.post(routed_url, json={**body, "model": f"openpipe:base/{base}"}, headers=headers)
                 r.raise_for_status()
                 routed.append((time.perf_counter() - t) * 1000)
     # Paired: each routed call right after a direct one, so the model's own time mostly cancels.
@@ -286,7 +281,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--base", default=SMOLLM2, help="a built-in base or one in the model store")
     parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    parser.add_argument(
+        "--concurrency", default="1,4,8", help="comma-separated levels; the summary compares the highest"
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--router", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--router-samples", type=int, default=40)
@@ -298,15 +297,16 @@ def main() -> None:
     prompts = (PROMPTS * (args.requests // len(PROMPTS) + 1))[: args.requests]
 
     tmp = Path(tempfile.mkdtemp(prefix="distillery-bench-serve-"))
-    print(f"base {SMOLLM2}: preparing (model store {args.store_dir}) ...", flush=True)
-    base_dir = ensure_base_model(SMOLLM2, store_dir=args.store_dir)
+    levels = sorted(int(c) for c in args.concurrency.split(","))
+    print(f"base {args.base}: preparing (model store {args.store_dir}) ...", flush=True)
+    base_dir = ensure_base_model(args.base, store_dir=args.store_dir)
     adapter_dir = tmp / "blobs" / ADAPTER_KEY
-    make_adapter(base_dir, adapter_dir)
-    server = Server(tmp, args.store_dir)
+    make_adapter(args.base, base_dir, adapter_dir)
+    server = Server(tmp, args.store_dir, args.base)
     try:
         asyncio.run(run_concurrency(server.url, 2, prompts[:2], 4))  # warm-up: loads the adapter
         served = {}
-        for concurrency in () if args.router_only else (1, 4, 8):
+        for concurrency in () if args.router_only else levels:
             served[concurrency] = result = asyncio.run(
                 run_concurrency(server.url, concurrency, prompts, args.max_tokens)
             )
@@ -317,7 +317,7 @@ def main() -> None:
                 flush=True,
             )
         if args.router_only:
-            a50, a99, d50, r50 = router_added_latency(server.url, args.router_samples)
+            a50, a99, d50, r50 = router_added_latency(server.url, args.base, args.router_samples)
             print(
                 f"router added latency (paired): p50 {a50:.1f} ms, p99 {a99:.1f} ms (direct p50 {d50:.1f} ms)"
             )
@@ -329,7 +329,7 @@ def main() -> None:
             flush=True,
         )
         if args.router:
-            a50, a99, d50, r50 = router_added_latency(server.url, args.router_samples)
+            a50, a99, d50, r50 = router_added_latency(server.url, args.base, args.router_samples)
             print(
                 f"router added latency (1-token answers, sequential, paired): p50 {a50:.1f} ms, "
                 f"p99 {a99:.1f} ms (direct p50 {d50:.1f} ms, routed p50 {r50:.1f} ms)",
@@ -338,10 +338,10 @@ def main() -> None:
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    c8 = served[8]
+    top = served[levels[-1]]
     print(
-        f"serve c=8 vs plain generate: {c8['tok_s'] / plain['tok_s']:.1f}x "
-        f"({c8['tok_s']:.1f} tok/s vs {plain['tok_s']:.1f} tok/s, ttft p50 {c8['ttft_p50']:.0f} ms)"
+        f"serve c={levels[-1]} vs plain generate: {top['tok_s'] / plain['tok_s']:.1f}x "
+        f"({top['tok_s']:.1f} tok/s vs {plain['tok_s']:.1f} tok/s, ttft p50 {top['ttft_p50']:.0f} ms)"
     )
 
 

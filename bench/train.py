@@ -67,7 +67,7 @@ def final_loss(losses: list[float]) -> float:
     return sum(tail) / len(tail)
 
 
-def data_loss(model, tokenizer, data: list[dict]) -> float:  # type: ignore[no-untyped-def]
+def data_loss(model, tokenizer, data: list[dict], batch_size: int) -> float:  # type: ignore[no-untyped-def]
     """The trained model's mean loss per assistant token over all rows (same labels for both runs)."""
     import torch
 
@@ -79,8 +79,8 @@ def data_loss(model, tokenizer, data: list[dict]) -> float:  # type: ignore[no-u
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(tokenized), BATCH):
-            batch = collate(tokenized[i : i + BATCH])
+        for i in range(0, len(tokenized), batch_size):
+            batch = {k: v.to(model.device) for k, v in collate(tokenized[i : i + batch_size]).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             losses = torch.nn.functional.cross_entropy(
@@ -91,7 +91,7 @@ def data_loss(model, tokenizer, data: list[dict]) -> float:  # type: ignore[no-u
     return total / max(count, 1)
 
 
-def run_ours(base_dir: Path, data: list[dict], epochs: int, out: Path) -> dict:
+def run_ours(base_dir: Path, data: list[dict], epochs: int, batch_size: int, out: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import get_peft_model
@@ -108,7 +108,7 @@ def run_ours(base_dir: Path, data: list[dict], epochs: int, out: Path) -> dict:
         out,
         learning_rate=LEARNING_RATE,
         epochs=epochs,
-        batch_size=BATCH,
+        batch_size=batch_size,
         save_steps=10**9,
         seed=0,
         bf16=use_bf16(model),
@@ -133,11 +133,11 @@ def run_ours(base_dir: Path, data: list[dict], epochs: int, out: Path) -> dict:
         "cpu": cpu,
         "tokens": tokens,
         "losses": losses,
-        "data_loss": data_loss(trainer.model, tokenizer, data),
+        "data_loss": data_loss(trainer.model, tokenizer, data, batch_size),
     }
 
 
-def run_trl(base_dir: Path, data: list[dict], epochs: int, out: Path) -> dict:
+def run_trl(base_dir: Path, data: list[dict], epochs: int, batch_size: int, out: Path) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -158,7 +158,7 @@ def run_trl(base_dir: Path, data: list[dict], epochs: int, out: Path) -> dict:
     config = SFTConfig(
         output_dir=str(out),
         num_train_epochs=epochs,
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=batch_size,
         learning_rate=LEARNING_RATE,
         logging_steps=1,
         save_strategy="no",
@@ -187,11 +187,11 @@ def run_trl(base_dir: Path, data: list[dict], epochs: int, out: Path) -> dict:
         "cpu": cpu,
         "tokens": tokens,
         "losses": losses,
-        "data_loss": data_loss(trainer.model, tokenizer, data),
+        "data_loss": data_loss(trainer.model, tokenizer, data, batch_size),
     }
 
 
-def child(which: str, base: str, n: int, epochs: int) -> None:
+def child(which: str, base: str, n: int, epochs: int, batch_size: int) -> None:
     """One measured run; prints its result as JSON on the last line."""
     from services.common.model_store import ensure_base_model
 
@@ -199,12 +199,12 @@ def child(which: str, base: str, n: int, epochs: int) -> None:
     base_dir = ensure_base_model(base, store_dir=store)
     data = rows(n)
     with tempfile.TemporaryDirectory() as out:
-        result = (run_ours if which == "ours" else run_trl)(base_dir, data, epochs, Path(out))
+        result = (run_ours if which == "ours" else run_trl)(base_dir, data, epochs, batch_size, Path(out))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
 
-def measure(which: str, base: str, n: int, epochs: int) -> dict:
+def measure(which: str, base: str, n: int, epochs: int, batch_size: int) -> dict:
     command = [
         sys.executable,
         __file__,
@@ -216,6 +216,8 @@ def measure(which: str, base: str, n: int, epochs: int) -> dict:
         str(n),
         "--epochs",
         str(epochs),
+        "--batch",
+        str(batch_size),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -318,9 +320,12 @@ def quality(base: str, n_train: int, n_test: int, epochs: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", action="append", choices=BASES, help="repeatable; default: both")
+    parser.add_argument(
+        "--base", action="append", help="a built-in base or one in the model store; repeatable; default both"
+    )
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=BATCH, help="rows per optimizer step, in both runs")
     parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--quality", action="store_true", help="fine-tune on a sentiment task, exact match vs the base"
@@ -331,15 +336,15 @@ def main() -> None:
             quality(base, args.rows or 120, 30, args.epochs)
         return
     if args.child:
-        child(args.child, args.base[0], args.rows, args.epochs)
+        child(args.child, args.base[0], args.rows, args.epochs, args.batch)
         return
     summary = []
     for base in args.base or BASES:
-        n = args.rows or DEFAULT_ROWS[base]
-        print(f"== {base}: {n} rows, {args.epochs} epoch(s), {BATCH} rows per step", flush=True)
+        n = args.rows or DEFAULT_ROWS.get(base, 64)
+        print(f"== {base}: {n} rows, {args.epochs} epoch(s), {args.batch} rows per step", flush=True)
         results = {}
         for which in ("ours", "trl"):
-            r = measure(which, base, n, args.epochs)
+            r = measure(which, base, n, args.epochs, args.batch)
             results[which] = r
             print(
                 f"{which:>4}: {r['tokens_per_second']:8.1f} tokens/s  wall {r['wall']:6.1f} s  "

@@ -663,3 +663,65 @@ def test_micro_batched_step_gives_the_whole_batchs_gradients(model_store: Path, 
     assert whole.keys() == split.keys() and whole
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_padding_free_step_a_gpu_trains_on_gives_the_padded_batchs_loss_and_gradients(
+    model_store: Path, tmp_path: Path
+) -> None:
+    """On a GPU a step's rows are flattened into one sequence with restarting position ids; each row
+    must attend only to itself, so the step's loss and gradients are the padded batch's."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.trainer.data import IGNORE
+    from services.trainer.sft import (
+        PadCollator,
+        Progress,
+        flatten_collator,
+        lora_config,
+        sft_trainer,
+        training_arguments,
+    )
+
+    base_dir = ensure_base_model(TINY_CHAT, store_dir=model_store)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    config = lora_config()
+    config.lora_dropout = 0.0
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    # A base loads with use_cache on; with a cache transformers builds no packed-sequence mask, so
+    # the trainer must turn it off (Trainer sets it from TrainingArguments.use_cache, False).
+    assert model.config.use_cache
+    generator = random.Random(5)
+    rows = []
+    for length in (30, 90, 45, 70):
+        ids = [generator.randrange(10, tokenizer.vocab_size) for _ in range(length)]
+        rows.append({"input_ids": ids, "labels": [IGNORE] * (length // 3) + ids[length // 3 :]})
+    args = training_arguments(
+        tmp_path, learning_rate=1e-4, epochs=1, batch_size=4, save_steps=10**9, seed=0, bf16=False
+    )
+    progress = Progress(
+        phase="sft",
+        on_metrics=lambda data: None,
+        on_checkpoint=lambda *a: None,
+        control_state=lambda: None,
+        tokens_seen=lambda: 0,
+        epochs=1,
+    )
+    trainer = sft_trainer(model, tokenizer, Dataset.from_list(rows), args, progress)
+    items = sum(sum(label != IGNORE for label in row["labels"][1:]) for row in rows)
+
+    def step(batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = trainer.training_step(model, batch, items)
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    flat_batch = flatten_collator()(rows)
+    assert flat_batch["input_ids"].shape == (1, sum(len(row["input_ids"]) for row in rows))
+    flat_loss, flat = step(flat_batch)
+    padded_loss, padded = step(PadCollator(tokenizer.pad_token_id)(rows))
+    assert flat_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert flat.keys() == padded.keys() and flat
+    for name in flat:
+        torch.testing.assert_close(flat[name], padded[name], rtol=1e-4, atol=1e-6)
