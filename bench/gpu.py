@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--store-dir", type=Path, default=ROOT / ".distillery" / "models")
     parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=True, help="the 1.5B too")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, CPU allowed: tests this script")
+    parser.add_argument("--steps", default="check,train,serve,quality", help="which of them to run")
     args = parser.parse_args()
     import torch
 
@@ -158,16 +159,20 @@ def main() -> None:
     small_dir = make_base(SMALL, args.tokenizer, {}, store)
     if args.large:
         make_base(LARGE, args.tokenizer, LARGE_SHAPE, store)
-    check_flattening(small_dir)
+    steps = set(args.steps.split(","))
+    if "check" in steps:
+        check_flattening(small_dir)
     rows, requests, tokens = (16, 2, 8) if args.smoke else (512, 16, 64)
     serve = ["--no-router", "--requests", str(requests), "--max-tokens", str(tokens)]
     serve += ["--store-dir", str(store), "--concurrency", "1,2" if args.smoke else "1,8,16"]
-    bench(["train.py", "--base", SMALL, "--rows", str(rows)], 150)
-    bench(["serve.py", "--base", SMALL, *serve], 150)
-    bench(["train.py", "--quality", "--base", SMALL, "--rows", str(rows // 2)], 120)
-    if args.large:
-        bench(["train.py", "--base", LARGE, "--rows", str(rows // 2)], 150)
-        bench(["serve.py", "--base", LARGE, *serve], 150)
+    bases = [SMALL, LARGE] if args.large else [SMALL]
+    for base in bases:
+        if "train" in steps:
+            bench(["train.py", "--base", base, "--rows", str(rows if base == SMALL else rows // 2)], 150)
+        if "serve" in steps:
+            bench(["serve.py", "--base", base, *serve], 200)
+    if "quality" in steps:
+        bench(["train.py", "--quality", "--base", SMALL, "--rows", str(rows // 2)], 120)
 
 
 if __name__ == "__main__":
