@@ -305,6 +305,44 @@ async def test_batched_greedy_decoding_matches_plain_generate() -> None:
         engine.stop()
 
 
+async def test_base_adapter_and_mixed_batches_in_turn_each_decode_as_generate_does() -> None:
+    """Once an adapter is loaded the engine switches peft between the base alone, the adapter and
+    mixed batches only when the batch changes; every order of them still decodes as generate() does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assets = serving_assets()
+    tokenizer = AutoTokenizer.from_pretrained(assets.base_dir)
+    prompt = "Hello, how can I help you today? The capital of"
+    base_tokens, adapter_tokens = greedy_with_generate(assets, [prompt], max_new_tokens=6)
+    engine = Engine(AutoModelForCausalLM.from_pretrained(assets.base_dir), tokenizer)
+    engine.eos_ids = set()
+    engine.register_adapter("a", assets.adapter_a_dir)
+    loop = asyncio.get_running_loop()
+
+    async def run(*adapters: str | None) -> list[list[int]]:
+        queues, sequences = [], []
+        for adapter in adapters:
+            queue: asyncio.Queue = asyncio.Queue()
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            sequence = Sequence(
+                ids, adapter, SamplingParams(max_tokens=6, temperature=0), threadsafe_emitter(loop, queue)
+            )
+            engine.submit(sequence)
+            queues.append(queue)
+            sequences.append(sequence)
+        for queue in queues:
+            await collect(queue)
+        return [s.output_ids for s in sequences]
+
+    expected = {None: base_tokens, "a": adapter_tokens}
+    try:
+        for turn in [("a",), (None,), ("a",), (None, "a"), (None,), ("a",), (None, None)]:
+            assert await run(*turn) == [expected[adapter] for adapter in turn], turn
+        assert base_tokens != adapter_tokens
+    finally:
+        engine.stop()
+
+
 async def test_prompts_sharing_a_start_prefill_from_the_cached_prefix_and_decode_as_generate_does() -> None:
     """A shared instruction block is computed once per adapter; what follows it, and the tokens
     generated, are exactly what generate() gives on the whole prompt."""
