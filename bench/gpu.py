@@ -19,8 +19,8 @@ uploaded to a blob store as ops upload one (``upload_model``) and cached in the 
 1. the padding-free step is exact: the loss over rows flattened into one sequence (what training on
    a GPU feeds the model) equals the padded batch's, in fp32;
 2. ``bench/train.py`` (our SFT against plain TRL) on each base;
-3. ``bench/train.py --quality``: the trainer's own job run (snapshot, auto batch size, LoRA SFT,
-   adapter saved) on CUDA;
+3. ``bench/train.py --quality --preference``: the trainer's own job run (snapshot, auto batch
+   size, LoRA SFT then DPO, adapter saved) on CUDA;
 4. ``bench/serve.py --no-router`` (model server against plain ``generate()``) on each base.
 """
 
@@ -172,7 +172,7 @@ def main() -> None:
         if "serve" in steps:
             bench(["serve.py", "--base", base, *serve], 200)
     if "quality" in steps:
-        bench(["train.py", "--quality", "--base", SMALL, "--rows", str(rows // 2)], 120)
+        bench(["train.py", "--quality", "--preference", "--base", SMALL, "--rows", str(rows // 2)], 150)
 
 
 if __name__ == "__main__":

@@ -241,29 +241,33 @@ OPINIONS = {
 THINGS = ["The blender", "This hotel", "The movie", "My new phone", "The delivery", "This book", "The lamp"]
 
 
-def sentiment_rows(n: int, seed: int) -> list[dict]:
+def sentiment_rows(n: int, seed: int, *, rejected: bool = False) -> list[dict]:
+    """Reviews and their label; with ``rejected``, a wrong label as each row's rejected answer (DPO)."""
     rnd = random.Random(seed)
     out = []
     for _ in range(n):
         label = rnd.choice(sorted(OPINIONS))
         review = f"{rnd.choice(THINGS)} {rnd.choice(OPINIONS[label])}."
-        out.append(
-            {
-                "messages": [
-                    {"role": "system", "content": SENTIMENT_SYSTEM},
-                    {"role": "user", "content": review},
-                    {"role": "assistant", "content": label},
-                ],
-                "split": "TRAIN",
-                "metadata": {},
-            }
-        )
+        row = {
+            "messages": [
+                {"role": "system", "content": SENTIMENT_SYSTEM},
+                {"role": "user", "content": review},
+                {"role": "assistant", "content": label},
+            ],
+            "split": "TRAIN",
+            "metadata": {},
+        }
+        if rejected:
+            wrong = rnd.choice([other for other in sorted(OPINIONS) if other != label])
+            row["rejected_message"] = {"role": "assistant", "content": wrong}
+        out.append(row)
     return out
 
 
-def quality(base: str, n_train: int, n_test: int, epochs: int) -> None:
+def quality(base: str, n_train: int, n_test: int, epochs: int, preference: bool = False) -> None:
     """Fine-tune ``base`` through the trainer's own run (``services.trainer.job.Run``) on a sentiment
-    task, then compare exact match of the base and the fine-tuned model on a held-out TEST split."""
+    task (SFT, then DPO on wrong labels with ``preference``), then compare exact match of the base
+    and the fine-tuned model on a held-out TEST split."""
     import asyncio
 
     import torch
@@ -277,7 +281,7 @@ def quality(base: str, n_train: int, n_test: int, epochs: int) -> None:
 
     store = Path(os.environ.get("DISTILLERY_MODEL_STORE_DIR", ".distillery/models"))
     base_dir = ensure_base_model(base, store_dir=store)
-    train, test = sentiment_rows(n_train, seed=1), sentiment_rows(n_test, seed=2)
+    train, test = sentiment_rows(n_train, seed=1, rejected=preference), sentiment_rows(n_test, seed=2)
     with tempfile.TemporaryDirectory() as tmp:
         blobs = FileBlobStore(Path(tmp) / "blobs")
         data = b"".join(json.dumps(r).encode() + b"\n" for r in train)
@@ -289,7 +293,13 @@ def quality(base: str, n_train: int, n_test: int, epochs: int) -> None:
             model_slug="sentiment",
             base_model=base,
             snapshot_uri="snapshots/q/train.jsonl",
-            hyperparameters=TrainingHyperparameters(num_epochs=epochs, batch_size="auto", seed=0),
+            hyperparameters=TrainingHyperparameters(
+                num_epochs=epochs,
+                batch_size="auto",
+                seed=0,
+                enable_preference_tuning=preference,
+                preference_num_epochs=epochs,
+            ),
             output_prefix="out",
         )
         started = time.perf_counter()
@@ -330,10 +340,11 @@ def main() -> None:
     parser.add_argument(
         "--quality", action="store_true", help="fine-tune on a sentiment task, exact match vs the base"
     )
+    parser.add_argument("--preference", action="store_true", help="with --quality: SFT, then DPO")
     args = parser.parse_args()
     if args.quality:
         for base in args.base or BASES[1:]:
-            quality(base, args.rows or 120, 30, args.epochs)
+            quality(base, args.rows or 120, 30, args.epochs, args.preference)
         return
     if args.child:
         child(args.child, args.base[0], args.rows, args.epochs, args.batch)
