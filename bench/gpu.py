@@ -17,7 +17,8 @@ the model server with plain ``generate()`` on the same base, never with the CPU 
 uploaded to a blob store as ops upload one (``upload_model``) and cached in the model store, then:
 
 1. the padding-free step is exact: the loss over rows flattened into one sequence (what training on
-   a GPU feeds the model) equals the padded batch's, in fp32;
+   a GPU feeds the model) equals the padded batch's, in fp32; and what one step at about the GPU
+   token budget costs flattened, as length-grouped padded micro-batches, and as one padded batch;
 2. ``bench/train.py`` (our SFT against plain TRL) on each base;
 3. ``bench/train.py --quality --preference``: the trainer's own job run (snapshot, auto batch
    size, LoRA SFT then DPO, adapter saved) on CUDA;
@@ -128,6 +129,64 @@ def check_flattening(base_dir: Path, rows: int = 16) -> None:
     )
 
 
+def time_step_layouts(base_dir: Path, rows: int, longest: int, repeats: int = 3) -> None:
+    """One LoRA training step over ``rows`` rows of 64..``longest`` tokens (about the GPU token
+    budget), laid out three ways: flattened into one sequence (what a GPU step uses), the trainer's
+    length-grouped padded micro-batches (what a CPU step uses), and one padded batch. Without a
+    varlen attention kernel the flattened sequence gets a dense mask and attention over all of it."""
+    import random
+
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from services.trainer.sft import PadCollator, flatten_collator, length_groups, lora_config
+
+    dtype = torch.bfloat16 if device() == "cuda" else torch.float32  # a CPU may only emulate bf16
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device())
+    model.config.use_cache = False
+    model = get_peft_model(model, lora_config())
+    rnd = random.Random(0)
+    features = []
+    for _ in range(rows):
+        ids = [rnd.randrange(10, model.config.vocab_size) for _ in range(rnd.randint(64, longest))]
+        features.append({"input_ids": ids, "labels": ids})
+    pad = PadCollator(0)
+    lengths = [len(f["input_ids"]) for f in features]
+    layouts = {
+        "flattened": [flatten_collator()(features)],
+        "length-grouped micro-batches": [pad([features[i] for i in g]) for g in length_groups(lengths)],
+        "one padded batch": [pad(features)],
+    }
+    attention = model.config._attn_implementation
+    print(f"one step of {rows} rows, {sum(lengths)} tokens (longest {max(lengths)}), attention {attention}:")
+    for name, batches in layouts.items():
+        batches = [{k: v.to(device()) for k, v in b.items()} for b in batches]
+        times = []
+        for repeat in range(repeats + 1):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            try:
+                for batch in batches:
+                    model(**batch).loss.backward()
+            except torch.OutOfMemoryError:
+                times = []
+                break
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if repeat:  # the first is a warm-up
+                times.append(time.perf_counter() - started)
+            model.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        result = f"{1000 * sum(times) / len(times):7.0f} ms" if times else "out of memory"
+        print(f"  {name:>30}: {result}, {len(batches)} pass(es), peak {peak:.1f} GiB", flush=True)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def bench(args: list[str], limit: float) -> None:
     print(f"\n$ python bench/{' '.join(args)}", flush=True)
     started = time.perf_counter()
@@ -146,9 +205,11 @@ def main() -> None:
     parser.add_argument("--store-dir", type=Path, default=ROOT / ".distillery" / "models")
     parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=True, help="the 1.5B too")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, CPU allowed: tests this script")
-    parser.add_argument("--steps", default="check,train,serve,quality", help="which of them to run")
+    parser.add_argument("--steps", default="check,layouts,train,serve,quality", help="which of them to run")
     args = parser.parse_args()
     import torch
+
+    from services.common.model_store import local_model_dir
 
     if not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("no CUDA GPU here: this check is for a GPU machine")
@@ -162,6 +223,9 @@ def main() -> None:
     steps = set(args.steps.split(","))
     if "check" in steps:
         check_flattening(small_dir)
+    if "layouts" in steps:
+        base = local_model_dir(LARGE if args.large else SMALL, store)
+        time_step_layouts(base, *((8, 128) if args.smoke else (32, 960)))
     rows, requests, tokens = (16, 2, 8) if args.smoke else (512, 16, 64)
     serve = ["--no-router", "--requests", str(requests), "--max-tokens", str(tokens)]
     serve += ["--store-dir", str(store), "--concurrency", "1,2" if args.smoke else "1,8,16"]
