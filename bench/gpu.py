@@ -209,28 +209,24 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from services.common.model_store import local_model_dir
-
     if not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("no CUDA GPU here: this check is for a GPU machine")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"{gpu}, torch {torch.__version__}", flush=True)
     store = args.store_dir.resolve()
     os.environ["DISTILLERY_MODEL_STORE_DIR"] = str(store)
-    small_dir = make_base(SMALL, args.tokenizer, {}, store)
+    base_dirs = {SMALL: make_base(SMALL, args.tokenizer, {}, store)}
     if args.large:
-        make_base(LARGE, args.tokenizer, LARGE_SHAPE, store)
+        base_dirs[LARGE] = make_base(LARGE, args.tokenizer, LARGE_SHAPE, store)
     steps = set(args.steps.split(","))
     if "check" in steps:
-        check_flattening(small_dir)
+        check_flattening(base_dirs[SMALL])
     if "layouts" in steps:
-        base = local_model_dir(LARGE if args.large else SMALL, store)
-        time_step_layouts(base, *((8, 128) if args.smoke else (32, 960)))
+        time_step_layouts(base_dirs[LARGE if args.large else SMALL], *((8, 128) if args.smoke else (32, 960)))
     rows, requests, tokens = (16, 2, 8) if args.smoke else (512, 16, 64)
     serve = ["--no-router", "--requests", str(requests), "--max-tokens", str(tokens)]
     serve += ["--store-dir", str(store), "--concurrency", "1,2" if args.smoke else "1,8,16"]
-    bases = [SMALL, LARGE] if args.large else [SMALL]
-    for base in bases:
+    for base in base_dirs:
         if "train" in steps:
             bench(["train.py", "--base", base, "--rows", str(rows if base == SMALL else rows // 2)], 150)
         if "serve" in steps:
