@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+from sqlalchemy import update
+
+from services.api.evals import service
 from services.api.evals.models import Eval, EvalResult, EvalRowOutput
 from services.api.evals.service import apply_events
 from services.api.projects import service as projects
@@ -69,5 +73,56 @@ async def test_events_apply_once_in_bulk(database_url: str) -> None:
         async with sessions.begin() as session:  # a finished eval takes nothing more
             assert await apply_events(session=session, events=[row_event("eval_store", project.id, "d")]) == 0
             assert await apply_events(session=session, events=[row_event("eval_nope", project.id, "a")]) == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_a_cancel_committed_while_a_batch_applies_is_kept(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consumer reads the eval as running, the user's cancel commits, then the consumer writes:
+    the eval stays cancelled and takes none of the batch. (Postgres's FOR UPDATE makes the cancel
+    wait for the consumer instead; SQLite has no row locks.)"""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("on Postgres the consumer's FOR UPDATE makes the cancel wait: no interleaving")
+    await migrate(database_url)
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        async with sessions.begin() as session:
+            project = await projects.create_project(session=session, name="evals")
+            moment = now()
+            session.add(
+                Eval(
+                    id="eval_cancel",
+                    project_id=project.id,
+                    dataset_id="ds",
+                    name="e",
+                    split="TEST",
+                    models=["m", "original"],
+                    evaluators=[],
+                    status="running",
+                    progress_done=0,
+                    progress_total=3,
+                    estimated_cost={},
+                    created_at=moment,
+                    updated_at=moment,
+                )
+            )
+        first_time = service._first_time
+
+        async def cancel_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+            async with sessions.begin() as other:
+                await other.execute(update(Eval).where(Eval.id == "eval_cancel").values(status="cancelled"))
+            return await first_time(*args, **kwargs)
+
+        monkeypatch.setattr(service, "_first_time", cancel_meanwhile)
+        async with sessions.begin() as session:
+            assert (
+                await apply_events(session=session, events=[row_event("eval_cancel", project.id, "a")]) == 0
+            )
+        async with sessions() as session:
+            record = await session.get(Eval, "eval_cancel")
+            assert record.status == "cancelled" and record.progress_done == 0
     finally:
         await engine.dispose()

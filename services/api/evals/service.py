@@ -409,6 +409,11 @@ async def apply_events(*, session: AsyncSession, events: list[EvalEvent]) -> int
         if record is None or record.status in TERMINAL:
             continue
         fresh = await _first_time(session, record, [e for e in mine if e.project_id == record.project_id])
+        # SQLite ignores FOR UPDATE: read the status again now that this transaction has written (so
+        # holds the database's write lock), or a cancel committed since the read above is overwritten.
+        await session.refresh(record, attribute_names=["status"])
+        if record.status in TERMINAL:
+            continue
         applied += len(fresh)
         await _apply(session, record, fresh)
     return applied
