@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sqlalchemy import update
 
@@ -77,14 +79,12 @@ async def test_events_apply_once_in_bulk(database_url: str) -> None:
         await engine.dispose()
 
 
-async def test_a_cancel_committed_while_a_batch_applies_is_kept(
+async def test_a_cancel_waits_for_the_batch_being_applied_then_stands(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The consumer reads the eval as running, the user's cancel commits, then the consumer writes:
-    the eval stays cancelled and takes none of the batch. (Postgres's FOR UPDATE makes the cancel
-    wait for the consumer instead; SQLite has no row locks.)"""
-    if not database_url.startswith("sqlite"):
-        pytest.skip("on Postgres the consumer's FOR UPDATE makes the cancel wait: no interleaving")
+    """The consumer holds the eval's lock from before it reads the status until it commits, on
+    SQLite too (where FOR UPDATE does nothing): a cancel arriving meanwhile waits, then stands. (CI
+    once saw a cancelled eval back at running: the consumer had read it before the cancel.)"""
     await migrate(database_url)
     engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)
@@ -109,20 +109,27 @@ async def test_a_cancel_committed_while_a_batch_applies_is_kept(
                     updated_at=moment,
                 )
             )
-        first_time = service._first_time
 
-        async def cancel_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        async def cancel() -> None:
             async with sessions.begin() as other:
                 await other.execute(update(Eval).where(Eval.id == "eval_cancel").values(status="cancelled"))
+
+        first_time, cancelling = service._first_time, []
+
+        async def cancel_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+            cancelling.append(asyncio.create_task(cancel()))
+            await asyncio.sleep(0.3)
+            assert not cancelling[0].done()  # it waits for the consumer's lock
             return await first_time(*args, **kwargs)
 
         monkeypatch.setattr(service, "_first_time", cancel_meanwhile)
         async with sessions.begin() as session:
             assert (
-                await apply_events(session=session, events=[row_event("eval_cancel", project.id, "a")]) == 0
+                await apply_events(session=session, events=[row_event("eval_cancel", project.id, "a")]) == 1
             )
+        await cancelling[0]
         async with sessions() as session:
             record = await session.get(Eval, "eval_cancel")
-            assert record.status == "cancelled" and record.progress_done == 0
+            assert record.status == "cancelled" and record.progress_done == 1
     finally:
         await engine.dispose()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import event
+from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -16,6 +16,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "api" / "migrations"
 
 class Base(DeclarativeBase):
     pass
+
+
+T = TypeVar("T", bound=Base)
 
 
 def _json_text(value: Any) -> str:
@@ -45,6 +48,22 @@ def make_engine(url: str) -> AsyncEngine:
 
         return engine
     return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, **_JSON_CODEC)
+
+
+async def lock_row(session: AsyncSession, model: type[T], row_id: str) -> T | None:
+    """The row, holding its write lock until the transaction ends (None: no such row).
+
+    A no-op UPDATE first: it takes the row lock on Postgres and the write lock on SQLite, where
+    ``FOR UPDATE`` does nothing and a plain read takes no lock, so two transactions (an event and
+    a cancel, say) never both act on the same old state. ``model`` needs ``id`` and ``updated_at``.
+    """
+    await session.execute(
+        update(model)
+        .where(model.id == row_id)  # type: ignore[attr-defined]
+        .values(updated_at=model.updated_at)  # type: ignore[attr-defined]
+        .execution_options(synchronize_session=False)
+    )
+    return await session.get(model, row_id, populate_existing=True)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -41,6 +41,7 @@ from services.api.evals.schemas import (
 )
 from services.api.providers.models import Deployment, ExternalModel, ExternalProvider
 from services.common.clock import iso_z, now
+from services.common.db import lock_row
 from services.common.errors import APIError, bad_request, not_found
 from services.common.events import (
     CATALOG_TOPIC,
@@ -351,7 +352,7 @@ async def create_eval(
 
 
 async def get_eval(*, session: AsyncSession, project_id: str, eval_id: str, lock: bool = False) -> Eval:
-    record = await session.get(Eval, eval_id, with_for_update=lock)
+    record = await lock_row(session, Eval, eval_id) if lock else await session.get(Eval, eval_id)
     if record is None or record.project_id != project_id:
         raise not_found(f"No eval with id {eval_id!r} in this project.", param="eval_id")
     return record
@@ -405,15 +406,10 @@ async def apply_events(*, session: AsyncSession, events: list[EvalEvent]) -> int
     for event in events:
         by_eval[event.eval_id].append(event)
     for eval_id, mine in by_eval.items():
-        record = await session.get(Eval, eval_id, with_for_update=True)
+        record = await lock_row(session, Eval, eval_id)  # a cancel waits, or is seen here
         if record is None or record.status in TERMINAL:
             continue
         fresh = await _first_time(session, record, [e for e in mine if e.project_id == record.project_id])
-        # SQLite ignores FOR UPDATE: read the status again now that this transaction has written (so
-        # holds the database's write lock), or a cancel committed since the read above is overwritten.
-        await session.refresh(record, attribute_names=["status"])
-        if record.status in TERMINAL:
-            continue
         applied += len(fresh)
         await _apply(session, record, fresh)
     return applied

@@ -38,7 +38,7 @@ from typing import Any
 
 from faststream.kafka import KafkaBroker
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Text, and_, cast, func, select, update
+from sqlalchemy import Text, and_, cast, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -67,6 +67,7 @@ from services.api.pruning.models import PruningRule
 from services.common.blobstore import BlobStore, BlobStoreError
 from services.common.catalog import CatalogReader
 from services.common.clock import iso, now
+from services.common.db import lock_row
 from services.common.errors import APIError, bad_request, invalid_input, not_found, unavailable
 from services.common.events import (
     CATALOG_TOPIC,
@@ -745,18 +746,8 @@ async def send_request(
 
 
 async def lock_job(session: AsyncSession, job_id: str) -> TrainingJob | None:
-    """The job, holding its write lock until the transaction ends.
-
-    A no-op UPDATE first: it takes the row lock on Postgres and the write lock on SQLite (where a
-    plain read would not), so an event and a cancel never both act on the same old status.
-    """
-    await session.execute(
-        update(TrainingJob)
-        .where(TrainingJob.id == job_id)
-        .values(updated_at=TrainingJob.updated_at)
-        .execution_options(synchronize_session=False)
-    )
-    return await session.get(TrainingJob, job_id, populate_existing=True)
+    """The job, holding its write lock until the transaction ends (``db.lock_row``)."""
+    return await lock_row(session, TrainingJob, job_id)
 
 
 async def get_job(*, session: AsyncSession, project_id: str, job_id: str, lock: bool = False) -> TrainingJob:
