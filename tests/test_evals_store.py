@@ -6,11 +6,13 @@ import asyncio
 
 import pytest
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.evals import service
 from services.api.evals.models import Eval, EvalResult, EvalRowOutput
 from services.api.evals.service import apply_events
 from services.api.projects import service as projects
+from services.api.projects.models import Project
 from services.common.clock import now
 from services.common.db import make_engine, make_sessionmaker, migrate
 from services.common.events import EvalEvent, EvalOutput, EvalScore
@@ -33,31 +35,37 @@ def row_event(eval_id: str, project_id: str, entry: str) -> EvalEvent:
     )
 
 
+async def add_eval(sessions: async_sessionmaker[AsyncSession], eval_id: str, *, status: str) -> Project:
+    """A new project with one eval of three rows over models ``m`` and ``original``."""
+    async with sessions.begin() as session:
+        project = await projects.create_project(session=session, name="evals")
+        moment = now()
+        session.add(
+            Eval(
+                id=eval_id,
+                project_id=project.id,
+                dataset_id="ds",
+                name="e",
+                split="TEST",
+                models=["m", "original"],
+                evaluators=[],
+                status=status,
+                progress_done=0,
+                progress_total=3,
+                estimated_cost={},
+                created_at=moment,
+                updated_at=moment,
+            )
+        )
+    return project
+
+
 async def test_events_apply_once_in_bulk(database_url: str) -> None:
     await migrate(database_url)
     engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)
     try:
-        async with sessions.begin() as session:
-            project = await projects.create_project(session=session, name="evals")
-            moment = now()
-            session.add(
-                Eval(
-                    id="eval_store",
-                    project_id=project.id,
-                    dataset_id="ds",
-                    name="e",
-                    split="TEST",
-                    models=["m", "original"],
-                    evaluators=[],
-                    status="queued",
-                    progress_done=0,
-                    progress_total=3,
-                    estimated_cost={},
-                    created_at=moment,
-                    updated_at=moment,
-                )
-            )
+        project = await add_eval(sessions, "eval_store", status="queued")
         first = [row_event("eval_store", project.id, e) for e in ("a", "b")]
         async with sessions.begin() as session:
             assert await apply_events(session=session, events=first + first[:1]) == 2
@@ -89,26 +97,7 @@ async def test_a_cancel_waits_for_the_batch_being_applied_then_stands(
     engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)
     try:
-        async with sessions.begin() as session:
-            project = await projects.create_project(session=session, name="evals")
-            moment = now()
-            session.add(
-                Eval(
-                    id="eval_cancel",
-                    project_id=project.id,
-                    dataset_id="ds",
-                    name="e",
-                    split="TEST",
-                    models=["m", "original"],
-                    evaluators=[],
-                    status="running",
-                    progress_done=0,
-                    progress_total=3,
-                    estimated_cost={},
-                    created_at=moment,
-                    updated_at=moment,
-                )
-            )
+        project = await add_eval(sessions, "eval_cancel", status="running")
 
         async def cancel() -> None:
             async with sessions.begin() as other:
