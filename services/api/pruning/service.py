@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.datasets.models import Dataset, DatasetEntry
 from services.api.datasets.rows import estimate_tokens
-from services.api.datasets.service import get_dataset
+from services.api.datasets.service import get_dataset, lock_dataset
 from services.api.providers.models import DeploymentSpec
 from services.api.pruning.models import PruningRule
 from services.api.pruning.schemas import (
@@ -32,19 +32,14 @@ from services.common.pruning import apply_pruning_rules
 PREVIEW_SCAN_ROWS = 1000  # entries fetched per round trip when totalling a preview
 
 
-async def _lock_dataset(*, session: AsyncSession, project_id: str, dataset_id: str) -> Dataset:
-    """The dataset, row-locked (Postgres) so concurrent rule edits renumber one after another."""
-    dataset = await session.scalar(select(Dataset).where(Dataset.id == dataset_id).with_for_update())
-    if dataset is None or dataset.project_id != project_id:
-        raise not_found(f"No dataset with id {dataset_id!r} in this project.", param="dataset_id")
-    return dataset
-
-
 async def _ordered(*, session: AsyncSession, dataset_id: str) -> list[PruningRule]:
+    """The dataset's rules as stored now (``populate_existing``: a rule read before the lock is
+    refreshed, so renumbering starts from what concurrent edits committed)."""
     query = (
         select(PruningRule)
         .where(PruningRule.dataset_id == dataset_id)
         .order_by(PruningRule.position, PruningRule.created_at, PruningRule.id)
+        .execution_options(populate_existing=True)
     )
     return list(await session.scalars(query))
 
@@ -63,7 +58,7 @@ async def list_rules(*, session: AsyncSession, project_id: str, dataset_id: str)
 async def create_rule(
     *, session: AsyncSession, project_id: str, dataset_id: str, text: str, position: int | None
 ) -> PruningRule:
-    dataset = await _lock_dataset(session=session, project_id=project_id, dataset_id=dataset_id)
+    dataset = await lock_dataset(session=session, project_id=project_id, dataset_id=dataset_id)
     rules = await _ordered(session=session, dataset_id=dataset_id)
     if len(rules) >= MAX_RULES_PER_DATASET:
         raise bad_request(
@@ -86,11 +81,20 @@ async def get_rule(*, session: AsyncSession, project_id: str, rule_id: str) -> P
         select(PruningRule)
         .join(Dataset, Dataset.id == PruningRule.dataset_id)
         .where(PruningRule.id == rule_id, Dataset.project_id == project_id)
+        .execution_options(populate_existing=True)
     )
     rule = await session.scalar(query)
     if rule is None:
         raise not_found(f"No pruning rule with id {rule_id!r} in this project.", param="rule_id")
     return rule
+
+
+async def _lock_rule(*, session: AsyncSession, project_id: str, rule_id: str) -> tuple[PruningRule, Dataset]:
+    """The rule and its dataset, the dataset's write lock held; the rule read again under it (a
+    concurrent delete is a 404, not a stale row)."""
+    rule = await get_rule(session=session, project_id=project_id, rule_id=rule_id)
+    dataset = await lock_dataset(session=session, project_id=project_id, dataset_id=rule.dataset_id)
+    return await get_rule(session=session, project_id=project_id, rule_id=rule_id), dataset
 
 
 async def update_rule(
@@ -101,8 +105,7 @@ async def update_rule(
     text: str | None = None,
     position: int | None = None,
 ) -> PruningRule:
-    rule = await get_rule(session=session, project_id=project_id, rule_id=rule_id)
-    dataset = await _lock_dataset(session=session, project_id=project_id, dataset_id=rule.dataset_id)
+    rule, dataset = await _lock_rule(session=session, project_id=project_id, rule_id=rule_id)
     if text is not None:
         rule.text = text
     if position is not None:
@@ -115,8 +118,7 @@ async def update_rule(
 
 
 async def delete_rule(*, session: AsyncSession, project_id: str, rule_id: str) -> None:
-    rule = await get_rule(session=session, project_id=project_id, rule_id=rule_id)
-    dataset = await _lock_dataset(session=session, project_id=project_id, dataset_id=rule.dataset_id)
+    rule, dataset = await _lock_rule(session=session, project_id=project_id, rule_id=rule_id)
     await session.delete(rule)
     await session.flush()
     _renumber(await _ordered(session=session, dataset_id=rule.dataset_id))

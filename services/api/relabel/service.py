@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.api.datasets import jobs
 from services.api.datasets.models import Dataset, DatasetEntry, DatasetJob
 from services.api.datasets.schemas import parse_entry_filters
-from services.api.datasets.service import list_entries, replace_output
+from services.api.datasets.service import hold_write_lock, list_entries, replace_output
 from services.api.relabel.models import RelabelOutcome, RelabelStart
 from services.common.clock import now
 from services.common.errors import bad_request
@@ -96,11 +96,16 @@ def _insert_outcome(session: AsyncSession) -> Any:
 
 
 async def apply_result(*, session: AsyncSession, result: RelabelResult) -> bool:
-    """Apply one result; False when it was already applied (a re-delivery)."""
-    job = await session.get(DatasetJob, result.job_id, with_for_update=True)
+    """Apply one result; False when it was already applied (a re-delivery).
+
+    Holds the dataset's write lock, as a human edit does, before reading the entry's revision:
+    an edit committed meanwhile is seen and kept, on SQLite too (where FOR UPDATE does nothing).
+    """
+    await hold_write_lock(session=session, dataset_id=result.dataset_id)
+    job = await session.get(DatasetJob, result.job_id, populate_existing=True)
     if job is None:
         return False  # the dataset (and its jobs) was deleted meanwhile
-    entry = await session.get(DatasetEntry, result.entry_id)
+    entry = await session.get(DatasetEntry, result.entry_id, populate_existing=True)
     status, error = "failed", result.error
     if result.error is None and entry is None:
         status, error = "skipped", "the entry was deleted before its new output arrived"
