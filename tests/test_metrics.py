@@ -218,3 +218,34 @@ async def test_judge_series_after_judgements(
         - total(before, "distillery_http_requests_total", route=route, status="200")
         == 2
     )
+
+
+def test_a_batch_histogram_exposes_what_a_histogram_of_the_same_values_does() -> None:
+    """Bucket edges included (a value equal to a bound counts in that bound's bucket), and above
+    the last bound; observed over several batches."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from services.common.metrics import BatchHistogram
+
+    bounds = (0.01, 0.5, 1, 10)
+    values = [0.0, 0.01, 0.010001, 0.3, 0.5, 1.0, 7.5, 10, 11, 900.25]
+    theirs_registry, ours_registry = CollectorRegistry(), CollectorRegistry()
+    theirs = Histogram("lag_seconds", "doc", buckets=bounds, registry=theirs_registry)
+    ours = BatchHistogram("lag_seconds", "doc", buckets=bounds, registry=ours_registry)
+    for value in values:
+        theirs.observe(value)
+    ours.observe_many(values[:4])
+    ours.observe_many([])
+    ours.observe_many(iter(values[4:]))
+
+    def samples(registry: CollectorRegistry) -> dict:
+        text = generate_latest(registry).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(ours_registry) == samples(theirs_registry)
+    assert samples(ours_registry)[("lag_seconds_bucket", (("le", "0.01"),))] == 2

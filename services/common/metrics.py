@@ -11,17 +11,67 @@ always small closed sets or model names, never ids of requests, logs or projects
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from aiokafka import TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.utils import floatToGoString
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Request latencies span fast reports (~1 ms) to long streamed completions (minutes).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+
+
+class BatchHistogram:
+    """A histogram observed a batch at a time, for per-message values on a consumer's hot path.
+
+    ``Histogram.observe`` takes a lock and walks the buckets in Python, ~4 µs a value: a tenth of
+    the log writer's CPU per log. Here each value costs one bisect and the lock is taken once per
+    batch. Exposed exactly as a ``Histogram`` of the same name (``_bucket``, ``_count``, ``_sum``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        *,
+        buckets: Iterable[float],
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
+        self._name, self._documentation = name, documentation
+        self._bounds = [float(b) for b in buckets]
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        bounds, counts, total = self._bounds, [0] * len(self._counts), 0.0
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value
+            total += value
+        with self._lock:
+            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
+            self._sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        family = HistogramMetricFamily(self._name, self._documentation)
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(floatToGoString, self._bounds), "+Inf"], counts, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        family.add_metric([], buckets, sum_value=total)
+        yield family
+
 
 # ---------------------------------------------------------------- HTTP (every service)
 HTTP_REQUESTS = Counter(
@@ -70,7 +120,7 @@ CONSUMER_LAG = Gauge(
     "Messages behind the partition end, by topic and group",
     ["topic", "group"],
 )
-END_TO_END_LAG = Histogram(
+END_TO_END_LAG = BatchHistogram(
     "distillery_ingest_end_to_end_lag_seconds",
     "From the Kafka timestamp of a log event to its ClickHouse insert",
     buckets=LAG_BUCKETS,
@@ -158,13 +208,9 @@ async def metrics_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def observe_consumer_lag(consumer: object, records: Iterable[object], group: str) -> None:
-    """Set the lag gauge after handling ``records``: per partition, its end offset (as the aiokafka
-    consumer last saw it) minus the offset after the last record handled."""
-    after: dict[object, int] = {}
-    for record in records:
-        tp = TopicPartition(record.topic, record.partition)  # type: ignore[attr-defined]
-        after[tp] = max(after.get(tp, 0), record.offset + 1)  # type: ignore[attr-defined]
+def observe_consumer_lag(consumer: object, after: dict[TopicPartition, int], group: str) -> None:
+    """Set the lag gauge after handling a batch: per partition, its end offset (as the aiokafka
+    consumer last saw it) minus ``after``, the offset after the batch's last record there."""
     behind: dict[str, int] = {}
     for tp, position in after.items():
         end = consumer.highwater(tp)  # type: ignore[attr-defined]
@@ -176,9 +222,9 @@ def observe_consumer_lag(consumer: object, records: Iterable[object], group: str
 
 def observe_end_to_end_lag(kafka_timestamps_ms: Iterable[int]) -> None:
     now_ms = time.time() * 1000
-    for stamp in kafka_timestamps_ms:
-        if stamp and stamp > 0:
-            END_TO_END_LAG.observe(max(0.0, (now_ms - stamp) / 1000))
+    END_TO_END_LAG.observe_many(
+        max(0.0, (now_ms - stamp) / 1000) for stamp in kafka_timestamps_ms if stamp and stamp > 0
+    )
 
 
 def model_label(model: object) -> str:

@@ -229,7 +229,7 @@ def register_log_writer(
                     await store.insert_rows(ch, rows, give_up_after=settings.log_insert_retry_seconds)
                 metrics.INGEST_WRITTEN.inc(len(rows))
                 metrics.observe_end_to_end_lag(record.timestamp for record in records)
-            metrics.observe_consumer_lag(msg.consumer, records, group_id)
+            metrics.observe_consumer_lag(msg.consumer, batch.after, group_id)
 
         await pipeline.submit(msg.consumer, batch, write)
 
