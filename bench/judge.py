@@ -3,17 +3,22 @@
     .venv/bin/python bench/judge.py                 # about a minute
     .venv/bin/python bench/judge.py --requests 200  # judgements per concurrency level (default 320)
 
-Starts a fake OpenAI-compatible judge model (``tests/fake_judge.py``) that answers every call after
-200 ms, and ``distillery up``, each in its own process; registers the fake as an external
-provider of a fresh project and creates two criteria. Then:
+Starts a fake OpenAI-compatible judge model (``tests/fake_judge.py``'s replies, see
+``serve_upstream``) that answers every call after 200 ms, and ``distillery up``, each in its own
+process; registers the fake as an external provider of a fresh project and creates two criteria.
+Then:
 
-1. ``POST /criteria/judge`` at concurrency 1, 16 and 64: judgements/s; "overhead" is the latency
+1. ``POST /criteria/judge`` at concurrency 1, 16 and 64 (one caller at 1; at 16 and 64, calls
+   arriving as independent callers' do, a Poisson process at 16 or 64 per 200 ms, unless
+   ``--arrivals closed``, see ``closed_loop``): judgements/s; "overhead" is the latency
    beyond the upstream's 200 ms (HTTP in, the criteria lookup, rendering, the router's path to
    the upstream and back, parsing the verdict, and any wait for the event loop, the client's
    included); "beyond the model" is the latency minus the judge-model call the judge reports in
    ``Server-Timing`` (the same without the router's path and the upstream); "judge's code" is
    what the judge reports in ``Server-Timing`` for its work minus that call (the judge's own
-   work in the server: the criteria lookup, rendering, parsing the verdict);
+   work in the server: the criteria lookup, rendering, parsing the verdict); "the upstream
+   alone" is the baseline, run just before at the same load: the same calls straight to the fake
+   (the client, the loopback and the fake's timer, without the platform);
 2. best-of-N: ``POST /chat/completions`` with ``n=4`` and ``op-criteria`` naming both criteria
    (8 judge calls) against the same request without criteria, one at a time.
 
@@ -25,10 +30,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +48,7 @@ from platform_stack import PYTHON, Http, PlatformStack, cpu_seconds  # noqa: E40
 
 from services.common.kafka import free_port  # noqa: E402
 from services.judge.protocol import parse_server_timing  # noqa: E402
+from tests.fake_judge import JUDGE_KEY  # noqa: E402
 
 UPSTREAM_LATENCY = 0.2
 LEVELS = (1, 16, 64)
@@ -50,6 +58,17 @@ JUDGE_BODY = {
     "output": {"role": "assistant", "content": "Stockholm"},
 }
 JUDGE_JSON = json.dumps(JUDGE_BODY)
+# what the judge sends the judge model, in short
+UPSTREAM_JSON = json.dumps(
+    {
+        "model": "judge",
+        "messages": [
+            {"role": "system", "content": "Fail marked mistakes."},
+            {"role": "user", "content": "<output>Stockholm</output>"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "record_judgement", "parameters": {}}}],
+    }
+)
 CHAT_BODY = {
     "model": "openpipe:fakejudge/gen",
     "messages": [{"role": "user", "content": "Count to 3"}],
@@ -57,13 +76,81 @@ CHAT_BODY = {
 }
 
 
-def serve_upstream(port: int) -> None:
-    import uvicorn
+def serve_upstream(port: int, kind: str) -> None:
+    """The fake judge model: ``lean`` (default) answers recorded replies from a bare HTTP/1.1
+    protocol, ~20 µs of CPU a call; ``fastapi`` is ``tests/fake_judge.py`` itself, whose ~1 ms a
+    call shares the machine's cores with the platform and shows up in the platform's tail."""
+    if kind == "fastapi":
+        import uvicorn
 
-    from tests.fake_judge import FakeJudge, build_app
+        from tests.fake_judge import FakeJudge, build_app
 
-    fake = FakeJudge(base_url=f"http://127.0.0.1:{port}", latency=UPSTREAM_LATENCY)
-    uvicorn.run(build_app(fake), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        fake = FakeJudge(base_url=f"http://127.0.0.1:{port}", latency=UPSTREAM_LATENCY)
+        uvicorn.run(build_app(fake), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        return
+    import uvloop
+
+    uvloop.run(serve_lean_upstream(port))
+
+
+def recorded_replies() -> dict[str, bytes]:
+    """What ``tests/fake_judge.py`` answers, as whole HTTP responses: a PASS and a FAIL verdict
+    (a forced ``record_judgement`` tool call) and four generated choices, every second one ``[bad]``."""
+    from tests.fake_judge import _completion, _tool_message
+
+    def verdict(judgement: str) -> dict:
+        arguments = json.dumps({"explanation": f"The output gets {judgement}.", "judgement": judgement})
+        return _completion("judge", _tool_message("record_judgement", arguments), "tool_calls", 120)
+
+    generated = _completion("gen", {"role": "assistant", "content": "", "refusal": None}, "stop", 12)
+    generated["choices"] = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": f"candidate {i}" + (" [bad]" if i % 2 else "")},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+        for i in range(4)
+    ]
+    bodies = {"PASS": verdict("PASS"), "FAIL": verdict("FAIL"), "generated": generated}
+    return {
+        name: b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+        % (len(data), data)
+        for name, data in ((name, json.dumps(body).encode()) for name, body in bodies.items())
+    }
+
+
+async def serve_lean_upstream(port: int) -> None:
+    import httptools
+
+    replies = recorded_replies()
+    loop = asyncio.get_running_loop()
+
+    class Upstream(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport, self.body = transport, []
+            self.parser = httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_body(self, chunk: bytes) -> None:
+            self.body.append(chunk)
+
+        def on_message_complete(self) -> None:
+            body, self.body = b"".join(self.body), []
+            if b"record_judgement" not in body:
+                reply = replies["generated"]
+            else:
+                reply = replies["FAIL" if b"[bad]" in body else "PASS"]
+            loop.call_later(UPSTREAM_LATENCY, self.answer, reply)
+
+        def answer(self, reply: bytes) -> None:
+            if not self.transport.is_closing():
+                self.transport.write(reply)
+
+    server = await loop.create_server(Upstream, "127.0.0.1", port, backlog=1024)
+    await server.serve_forever()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -72,7 +159,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def judge_level(
-    client: aiohttp.ClientSession, concurrency: int, total: int
+    client: aiohttp.ClientSession, concurrency: int, total: int, arrivals: str
 ) -> tuple[float, list[float], list[float], list[float], int]:
     """Wall time, latencies, the time per judgement beyond the judge-model call (client-measured),
     the judge's code's time in the server (both from Server-Timing) and failures."""
@@ -80,30 +167,78 @@ async def judge_level(
     beyond_model: list[float] = []
     code: list[float] = []
     failures = 0
-    queue = iter(range(total))
 
-    async def worker(phase: float) -> None:
+    async def judge_one() -> None:
         nonlocal failures
-        await asyncio.sleep(phase)
-        for _ in queue:
-            started = time.perf_counter()
-            async with client.post("criteria/judge", data=JUDGE_JSON) as response:
-                await response.read()
-            elapsed = time.perf_counter() - started
-            if response.status != 200:
-                failures += 1
-                continue
-            latencies.append(elapsed)
-            timing_ms = parse_server_timing(response.headers["server-timing"])
-            beyond_model.append(elapsed - timing_ms["model"] / 1000)
-            code.append((timing_ms["judge"] - timing_ms["model"]) / 1000)
+        started = time.perf_counter()
+        async with client.post("criteria/judge", data=JUDGE_JSON) as response:
+            await response.read()
+        elapsed = time.perf_counter() - started
+        if response.status != 200:
+            failures += 1
+            return
+        latencies.append(elapsed)
+        timing_ms = parse_server_timing(response.headers["server-timing"])
+        beyond_model.append(elapsed - timing_ms["model"] / 1000)
+        code.append((timing_ms["judge"] - timing_ms["model"]) / 1000)
 
     started = time.perf_counter()
-    # Workers start spread over one upstream latency, as independent callers would arrive; started
-    # together against an upstream that always takes exactly 200 ms they would stay in lockstep and
-    # every judgement would queue behind the whole wave of its siblings.
-    await asyncio.gather(*(worker(i / concurrency * UPSTREAM_LATENCY) for i in range(concurrency)))
+    if arrivals == "poisson" and concurrency > 1:
+        await poisson_arrivals(judge_one, rate=concurrency / UPSTREAM_LATENCY, total=total)
+    else:
+        await closed_loop(judge_one, concurrency=concurrency, total=total)
     return time.perf_counter() - started, latencies, beyond_model, code, failures
+
+
+async def upstream_level(
+    upstream: aiohttp.ClientSession, concurrency: int, total: int, arrivals: str
+) -> list[float]:
+    """The baseline: latencies of the same calls made straight to the fake judge model (the
+    client's own time, the loopback and the upstream's timer included, the platform not)."""
+    latencies: list[float] = []
+
+    async def call_one() -> None:
+        started = time.perf_counter()
+        async with upstream.post("chat/completions", data=UPSTREAM_JSON) as response:
+            await response.read()
+        if response.status == 200:
+            latencies.append(time.perf_counter() - started)
+
+    if arrivals == "poisson" and concurrency > 1:
+        await poisson_arrivals(call_one, rate=concurrency / UPSTREAM_LATENCY, total=total)
+    else:
+        await closed_loop(call_one, concurrency=concurrency, total=total)
+    return latencies
+
+
+async def poisson_arrivals(call: Callable[[], Awaitable[None]], *, rate: float, total: int) -> None:
+    """Independent callers: calls start at exponentially distributed intervals (``rate`` a second,
+    so ``rate`` x 200 ms are in flight on average), whatever the answers do."""
+    rng = random.Random(7)
+    calls, next_start = [], time.perf_counter()
+    for _ in range(total):
+        next_start += rng.expovariate(rate)
+        delay = next_start - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        calls.append(asyncio.create_task(call()))
+    await asyncio.gather(*calls)
+
+
+async def closed_loop(call: Callable[[], Awaitable[None]], *, concurrency: int, total: int) -> None:
+    """``concurrency`` callers, each starting its next call as its last one is answered. Against an
+    upstream that always takes exactly 200 ms, calls answered together start together again: the
+    callers bunch (in 5 ms windows, p99 11 starts at 64 callers where Poisson arrivals at the same
+    rate have 6), and a bunch queues behind itself in every service it passes."""
+    queue = iter(range(total))
+
+    async def caller(phase: float) -> None:
+        await asyncio.sleep(phase)
+        for _ in queue:
+            await call()
+
+    # Callers start spread over one upstream latency, as independent callers would arrive.
+    await asyncio.gather(*(caller(i / concurrency * UPSTREAM_LATENCY) for i in range(concurrency)))
 
 
 async def chat_latencies(client: aiohttp.ClientSession, rounds: int, criteria: bool) -> list[float]:
@@ -120,30 +255,43 @@ async def chat_latencies(client: aiohttp.ClientSession, rounds: int, criteria: b
     return out
 
 
-async def measure(port: int, key: str, requests: int, rounds: int, pid: int) -> list[str]:
+async def measure(
+    port: int, key: str, requests: int, rounds: int, pid: int, arrivals: str, upstream_port: int
+) -> list[str]:
     lines = []
     # aiohttp, not httpx: at 64 in flight httpx's own CPU saturated the bench's event loop, and
     # its queueing showed up as the judge's latency.
-    async with aiohttp.ClientSession(
-        base_url=f"http://127.0.0.1:{port}/api/v1/",
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-        timeout=aiohttp.ClientTimeout(total=60),
-        # Idle connections are dropped before uvicorn's 5 s keep-alive closes them: reusing one
-        # as the server closes it gave a "connection reset by peer" once.
-        connector=aiohttp.TCPConnector(limit=128, keepalive_timeout=4),
-    ) as client:
-        await judge_level(client, 4, 16)  # warm up connections and code paths
+    async with (
+        aiohttp.ClientSession(
+            base_url=f"http://127.0.0.1:{port}/api/v1/",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=60),
+            # Idle connections are dropped before uvicorn's 5 s keep-alive closes them: reusing one
+            # as the server closes it gave a "connection reset by peer" once.
+            connector=aiohttp.TCPConnector(limit=128, keepalive_timeout=4),
+        ) as client,
+        aiohttp.ClientSession(
+            base_url=f"http://127.0.0.1:{upstream_port}/v1/",
+            headers={"Authorization": f"Bearer {JUDGE_KEY}", "Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=60),
+            connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=4),
+        ) as upstream,
+    ):
+        await judge_level(client, 4, 16, "closed")  # warm up connections and code paths
         lines.append(
             "| concurrency | judgements | judgements/s | latency p50 | overhead p50 / p99 "
             "| beyond the model p50 / p99 | judge's code p50 / p99 | platform CPU per judgement "
-            "| failed |"
+            "| failed | the upstream alone: overhead p50 / p99 |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         one_judge = UPSTREAM_LATENCY
         for level in LEVELS:
             total = min(100, requests) if level == 1 else max(requests, level * 2)
+            alone = [
+                (x - UPSTREAM_LATENCY) * 1000 for x in await upstream_level(upstream, level, total, arrivals)
+            ]
             cpu_before = cpu_seconds(pid)
-            wall, latencies, beyond_model, code, failed = await judge_level(client, level, total)
+            wall, latencies, beyond_model, code, failed = await judge_level(client, level, total, arrivals)
             cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, len(latencies))
             overhead = [(x - UPSTREAM_LATENCY) * 1000 for x in latencies]
             beyond_ms = [x * 1000 for x in beyond_model]
@@ -155,7 +303,8 @@ async def measure(port: int, key: str, requests: int, rounds: int, pid: int) -> 
                 f"{pct(latencies, 50) * 1000:.1f} ms | "
                 f"{pct(overhead, 50):.1f} / {pct(overhead, 99):.1f} ms | "
                 f"{pct(beyond_ms, 50):.1f} / {pct(beyond_ms, 99):.1f} ms | "
-                f"{pct(code_ms, 50):.2f} / {pct(code_ms, 99):.2f} ms | {cpu_ms:.1f} ms | {failed} |"
+                f"{pct(code_ms, 50):.2f} / {pct(code_ms, 99):.2f} ms | {cpu_ms:.1f} ms | {failed} | "
+                f"{pct(alone, 50):.1f} / {pct(alone, 99):.1f} ms |"
             )
             print(lines[-1], flush=True)
         await chat_latencies(client, 2, True)
@@ -180,18 +329,35 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=320)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--upstream",
+        choices=("lean", "fastapi"),
+        default="lean",
+        help="the fake judge model: recorded replies from a bare HTTP server, or tests/fake_judge.py",
+    )
+    parser.add_argument(
+        "--arrivals",
+        choices=("poisson", "closed"),
+        default="poisson",
+        help="how calls start at concurrency > 1: independent callers, or a closed loop of callers",
+    )
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
-        serve_upstream(args.serve_upstream)
+        serve_upstream(args.serve_upstream, args.upstream)
         return 0
     upstream_port = free_port()
-    upstream = subprocess.Popen([PYTHON, __file__, "--serve-upstream", str(upstream_port)], cwd=ROOT)
+    upstream = subprocess.Popen(
+        [PYTHON, __file__, "--serve-upstream", str(upstream_port), "--upstream", args.upstream], cwd=ROOT
+    )
     try:
         with PlatformStack(args.keep, prefix="distillery-judge-bench-") as stack:
             stack.start_broker()
             _, key = stack.create_key("judge-bench")
-            stack.start_platform()
+            # Poisson arrivals at 64 in flight on average go past the judge's per-project cap (64
+            # calls to the judge model) about half the time, where they would wait for a slot by
+            # design; what is measured here is the judge's overhead, not that wait.
+            stack.start_platform(env={"DISTILLERY_JUDGE_PROJECT_MAX_CONCURRENCY": "256"})
             print(f"platform pid {stack.up.pid}", flush=True)
             http = Http(stack.port, key)
             status, body = http.json(
@@ -216,7 +382,11 @@ def main() -> int:
                 lambda: http.json("POST", "/api/v1/criteria/judge", JUDGE_BODY)[0] == 200, 30, "judging"
             )
             http.close()
-            lines = asyncio.run(measure(stack.port, key, args.requests, args.rounds, stack.up.pid))
+            lines = asyncio.run(
+                measure(
+                    stack.port, key, args.requests, args.rounds, stack.up.pid, args.arrivals, upstream_port
+                )
+            )
             print("\n".join(lines))
     finally:
         upstream.terminate()
