@@ -98,13 +98,13 @@ def serve_upstream(port: int, kind: str) -> None:
 def recorded_replies() -> dict[str, bytes]:
     """What ``tests/fake_judge.py`` answers, as whole HTTP responses: a PASS and a FAIL verdict
     (a forced ``record_judgement`` tool call) and four generated choices, every second one ``[bad]``."""
-    from tests.fake_judge import _completion, _tool_message
+    from tests.fake_judge import completion_body, tool_call_message
 
     def verdict(judgement: str) -> dict:
         arguments = json.dumps({"explanation": f"The output gets {judgement}.", "judgement": judgement})
-        return _completion("judge", _tool_message("record_judgement", arguments), "tool_calls", 120)
+        return completion_body("judge", tool_call_message("record_judgement", arguments), "tool_calls", 120)
 
-    generated = _completion("gen", {"role": "assistant", "content": "", "refusal": None}, "stop", 12)
+    generated = completion_body("gen", {"role": "assistant", "content": "", "refusal": None}, "stop", 12)
     generated["choices"] = [
         {
             "index": i,
@@ -197,10 +197,7 @@ async def judge_level(
         code.append((timing_ms["judge"] - timing_ms["model"]) / 1000)
 
     started = time.perf_counter()
-    if arrivals == "poisson" and concurrency > 1:
-        await poisson_arrivals(judge_one, rate=concurrency / UPSTREAM_LATENCY, total=total)
-    else:
-        await closed_loop(judge_one, concurrency=concurrency, total=total)
+    await make_calls(judge_one, concurrency=concurrency, total=total, arrivals=arrivals)
     return time.perf_counter() - started, latencies, beyond_model, code, failures
 
 
@@ -218,11 +215,17 @@ async def upstream_level(
         if response.status == 200:
             latencies.append(time.perf_counter() - started)
 
-    if arrivals == "poisson" and concurrency > 1:
-        await poisson_arrivals(call_one, rate=concurrency / UPSTREAM_LATENCY, total=total)
-    else:
-        await closed_loop(call_one, concurrency=concurrency, total=total)
+    await make_calls(call_one, concurrency=concurrency, total=total, arrivals=arrivals)
     return latencies
+
+
+async def make_calls(
+    call: Callable[[], Awaitable[None]], *, concurrency: int, total: int, arrivals: str
+) -> None:
+    if arrivals == "poisson" and concurrency > 1:
+        await poisson_arrivals(call, rate=concurrency / UPSTREAM_LATENCY, total=total)
+    else:
+        await closed_loop(call, concurrency=concurrency, total=total)
 
 
 async def poisson_arrivals(call: Callable[[], Awaitable[None]], *, rate: float, total: int) -> None:

@@ -52,7 +52,7 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     )
 
 
-def _completion(model: str, message: dict[str, Any], finish: str, prompt_tokens: int, n: int = 1) -> dict:
+def completion_body(model: str, message: dict[str, Any], finish: str, prompt_tokens: int, n: int = 1) -> dict:
     return {
         "id": f"chatcmpl-fake{time.time_ns()}",
         "object": "chat.completion",
@@ -71,7 +71,7 @@ def _completion(model: str, message: dict[str, Any], finish: str, prompt_tokens:
     }
 
 
-def _tool_message(name: str, arguments: str) -> dict[str, Any]:
+def tool_call_message(name: str, arguments: str) -> dict[str, Any]:
     return {
         "role": "assistant",
         "content": None,
@@ -120,8 +120,8 @@ def _judge(model: str, body: dict[str, Any], tool: str) -> dict[str, Any]:
         arguments = '{"explanation": "The output is fine", "judgement": PASS'  # truncated, not JSON
     if model == "judge-content":
         message = {"role": "assistant", "content": f"```json\n{arguments}\n```", "refusal": None}
-        return _completion(body["model"], message, "stop", prompt_tokens)
-    return _completion(body["model"], _tool_message(tool, arguments), "tool_calls", prompt_tokens)
+        return completion_body(body["model"], message, "stop", prompt_tokens)
+    return completion_body(body["model"], tool_call_message(tool, arguments), "tool_calls", prompt_tokens)
 
 
 def build_app(fake: FakeJudge) -> FastAPI:
@@ -159,7 +159,7 @@ def build_app(fake: FakeJudge) -> FastAPI:
                     "finish_reason": "stop",
                 }
             )
-        completion = _completion(model, choices[0]["message"], "stop", 12)
+        completion = completion_body(model, choices[0]["message"], "stop", 12)
         completion["choices"] = choices
         return JSONResponse(completion)
 
