@@ -272,6 +272,17 @@ async def chat_latencies(client: aiohttp.ClientSession, rounds: int, criteria: b
     return out
 
 
+def json_session(base_url: str, key: str, *, limit: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        timeout=aiohttp.ClientTimeout(total=60),
+        # Idle connections are dropped before uvicorn's 5 s keep-alive closes them: reusing one
+        # as the server closes it gave a "connection reset by peer" once.
+        connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=4),
+    )
+
+
 async def measure(
     port: int, key: str, requests: int, rounds: int, pid: int, arrivals: str, upstream_port: int
 ) -> list[str]:
@@ -279,20 +290,8 @@ async def measure(
     # aiohttp, not httpx: at 64 in flight httpx's own CPU saturated the bench's event loop, and
     # its queueing showed up as the judge's latency.
     async with (
-        aiohttp.ClientSession(
-            base_url=f"http://127.0.0.1:{port}/api/v1/",
-            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-            timeout=aiohttp.ClientTimeout(total=60),
-            # Idle connections are dropped before uvicorn's 5 s keep-alive closes them: reusing one
-            # as the server closes it gave a "connection reset by peer" once.
-            connector=aiohttp.TCPConnector(limit=128, keepalive_timeout=4),
-        ) as client,
-        aiohttp.ClientSession(
-            base_url=f"http://127.0.0.1:{upstream_port}/v1/",
-            headers={"Authorization": f"Bearer {JUDGE_KEY}", "Content-Type": "application/json"},
-            timeout=aiohttp.ClientTimeout(total=60),
-            connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=4),
-        ) as upstream,
+        json_session(f"http://127.0.0.1:{port}/api/v1/", key, limit=128) as client,
+        json_session(f"http://127.0.0.1:{upstream_port}/v1/", JUDGE_KEY, limit=512) as upstream,
     ):
         await judge_level(client, 4, 16, "closed")  # warm up connections and code paths
         lines.append(
