@@ -50,10 +50,10 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, **_JSON_CODEC)
 
 
-async def lock_row(session: AsyncSession, model: type[T], row_id: str) -> T | None:
-    """The row, holding its write lock until the transaction ends (None: no such row).
+async def hold_row_lock(session: AsyncSession, model: type[Base], row_id: str) -> None:
+    """Hold the row's write lock until the transaction ends.
 
-    A no-op UPDATE first: it takes the row lock on Postgres and the write lock on SQLite, where
+    A no-op UPDATE: it takes the row lock on Postgres and the write lock on SQLite, where
     ``FOR UPDATE`` does nothing and a plain read takes no lock, so two transactions (an event and
     a cancel, say) never both act on the same old state. ``model`` needs ``id`` and ``updated_at``.
     """
@@ -63,6 +63,11 @@ async def lock_row(session: AsyncSession, model: type[T], row_id: str) -> T | No
         .values(updated_at=model.updated_at)  # type: ignore[attr-defined]
         .execution_options(synchronize_session=False)
     )
+
+
+async def lock_row(session: AsyncSession, model: type[T], row_id: str) -> T | None:
+    """The row as stored now, its write lock held until the transaction ends (None: no such row)."""
+    await hold_row_lock(session, model, row_id)
     return await session.get(model, row_id, populate_existing=True)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, and_, case, cast, delete, exists, func, or_, select, update
+from sqlalchemy import Text, and_, case, cast, delete, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.datasets.bulk import (
@@ -55,6 +55,7 @@ from services.api.datasets.schemas import (
 )
 from services.api.fine_tuning.models import FineTunedModel
 from services.common.clock import iso, now
+from services.common.db import hold_row_lock
 from services.common.errors import bad_request, not_found
 from services.common.ids import new_id
 
@@ -249,12 +250,7 @@ async def lock_dataset(*, session: AsyncSession, project_id: str, dataset_id: st
 
 
 async def hold_write_lock(*, session: AsyncSession, dataset_id: str) -> None:
-    await session.execute(
-        update(Dataset)
-        .where(Dataset.id == dataset_id)
-        .values(updated_at=Dataset.updated_at)
-        .execution_options(synchronize_session=False)
-    )
+    await hold_row_lock(session, Dataset, dataset_id)
 
 
 def touch(dataset: Dataset, moment: datetime | None = None) -> None:
