@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -20,6 +21,7 @@ from services.api.pruning import service as pruning
 from services.api.relabel.models import RelabelOutcome
 from services.api.relabel.service import apply_result
 from services.common.db import make_engine, make_sessionmaker, migrate
+from services.common.errors import APIError
 from services.common.events import RelabelResult
 
 ROW = {
@@ -114,5 +116,39 @@ async def test_concurrent_rule_creations_keep_positions_dense(database_url: str)
             rules = await pruning.list_rules(session=session, project_id=project_id, dataset_id=dataset_id)
         assert [rule.position for rule in rules] == list(range(6))
         assert sorted(rule.text for rule in rules) == [f"rule {n}" for n in range(6)]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_rule_deleted_while_its_update_waits_is_not_found(database_url: str) -> None:
+    """The update read the rule, then waits for the dataset's lock held by a delete; once the
+    delete commits, the update reads the rule again under the lock and answers 404, not a write
+    to a row that is gone."""
+    await migrate(database_url)
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        project_id, dataset_id, _ = await one_entry_dataset(sessions)
+        async with sessions.begin() as session:
+            rule = await pruning.create_rule(
+                session=session, project_id=project_id, dataset_id=dataset_id, text="drop it", position=None
+            )
+
+        async def update() -> None:
+            async with sessions.begin() as session:
+                await pruning.update_rule(session=session, project_id=project_id, rule_id=rule.id, text="x")
+
+        async with sessions.begin() as deleting:
+            await pruning.delete_rule(session=deleting, project_id=project_id, rule_id=rule.id)
+            updating = asyncio.create_task(update())
+            await asyncio.sleep(0.3)
+            assert not updating.done()  # it waits for the delete's lock
+        with pytest.raises(APIError) as raised:
+            await updating
+        assert raised.value.status_code == 404
+        async with sessions() as session:
+            assert (
+                await pruning.list_rules(session=session, project_id=project_id, dataset_id=dataset_id) == []
+            )
     finally:
         await engine.dispose()
