@@ -142,12 +142,17 @@ def decode(records: Sequence[ConsumerRecord], model: type[E]) -> tuple[list[E], 
     return events, dead
 
 
-def dedup_token(table: str, rows: list[list[Any]], key_width: int) -> str:
-    """Same rows → same token, so ClickHouse drops a retried insert of the same batch."""
-    digest = hashlib.sha256(table.encode())
-    for row in rows:
-        digest.update(("/".join(str(v) for v in row[:key_width]) + ";").encode())
-    return digest.hexdigest()
+def distinct_rows(rows: list[list[Any]], key_width: int) -> tuple[list[list[Any]], str]:
+    """The batch's distinct rows in a canonical order, and their dedup token (the first
+    ``key_width`` columns: all but the time of the try). A batch holding the same events as an
+    earlier one, in whatever order or repeated, gets the same rows and token, so ClickHouse drops
+    its insert rather than storing the events again until a merge collapses them."""
+    keyed = {"/".join(str(v) for v in row[:key_width]): row for row in rows}
+    keys = sorted(keyed)
+    digest = hashlib.sha256()
+    for key in keys:
+        digest.update((key + ";").encode())
+    return [keyed[key] for key in keys], digest.hexdigest()
 
 
 def _register(
@@ -170,13 +175,13 @@ def _register(
         now_ms = int(time.time() * 1000)
         rows = [row for event in events for row in to_rows(event, now_ms)]
         if rows:
+            rows, token = distinct_rows(rows, len(columns) - 1)  # all columns but ingested_at_ms
             await ch.insert_retrying(
                 f"{ch.database}.{table}",
                 rows,
                 columns,
                 give_up_after=settings.log_insert_retry_seconds,
-                # all columns but ingested_at_ms, which differs per try
-                settings={"insert_deduplication_token": dedup_token(table, rows, len(columns) - 1)},
+                settings={"insert_deduplication_token": f"{table}:{token}"},
             )
 
     write.__name__ = write.__qualname__ = f"write_{table}"
