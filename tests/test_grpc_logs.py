@@ -186,6 +186,34 @@ async def test_limit_and_before_id_page_through_results(
     assert [log.completion_id for log in filtered] == ["chatcmpl-grpc-other"]
 
 
+async def test_fields_sets_only_the_named_fields(stub: logs_pb2_grpc.LogQueryStub, reported: Project) -> None:
+    everything = await search(stub, reported.key)
+    wanted = ["status", "metadata", "openai_request_json"]
+    masked = await search(stub, reported.key, fields=wanted)
+    assert [log.id for log in masked] == [log.id for log in everything]  # id comes always
+    for full, log in zip(everything, masked, strict=True):
+        assert (log.status, dict(log.metadata)) == (full.status, dict(full.metadata))
+        assert log.openai_request_json == full.openai_request_json
+        assert log.model == "" and log.openai_response_json == "" and log.req_payload_json == ""
+        assert not log.HasField("status_code")
+    # a mask does not break paging: the cursor is the id
+    first = await search(stub, reported.key, limit=2, fields=["model"])
+    rest = await search(stub, reported.key, before_id=first[-1].id, fields=["model"])
+    assert [log.model for log in first + rest] == [log.model for log in everything]
+    request = logs_pb2.SearchLogsRequest(fields=["status"], batch_size=2)
+    batches = [batch async for batch in stub.SearchBatches(request, metadata=auth(reported.key))]
+    assert [len(batch.logs) for batch in batches] == [2, 2, 1]
+    assert {log.status for batch in batches for log in batch.logs} == {"success"}
+    assert all(log.openai_request_json == "" for batch in batches for log in batch.logs)
+
+
+async def test_unknown_field_is_invalid_argument(stub: logs_pb2_grpc.LogQueryStub, project: Project) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await search(stub, project.key, fields=["status", "password"])
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "fields" in (failed.value.details() or "") and "password" in (failed.value.details() or "")
+
+
 async def test_another_projects_key_sees_nothing(
     stub: logs_pb2_grpc.LogQueryStub, reported: Project, make_project: Callable[[], Awaitable[Project]]
 ) -> None:

@@ -14,6 +14,8 @@ from services.api.datasets.service import draft_values, entry_ids
 from services.api.log_imports.schemas import SOURCE
 from services.common.grpc.distillery.v1 import logs_pb2
 
+# The ``RequestLog`` fields a conversion reads (``id`` comes always): ingest sends only these.
+LOG_FIELDS = ("status", "metadata", "openai_request_json", "openai_response_json")
 OUTPUT_KEYS = ("role", "content", "tool_calls", "function_call", "name")
 REQUEST_KEYS = ("tools", "tool_choice", "response_format", "functions", "function_call")
 

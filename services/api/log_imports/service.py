@@ -39,7 +39,7 @@ from services.api.datasets.bulk import driver_moment
 from services.api.datasets.models import Dataset, DatasetJob
 from services.api.datasets.service import get_dataset, insert_entries
 from services.api.log_imports.client import SEARCH_BATCHES, LogImporter, grpc_filters, rpc_problem
-from services.api.log_imports.convert import Converted, convert_batch
+from services.api.log_imports.convert import LOG_FIELDS, Converted, convert_batch
 from services.api.log_imports.schemas import JOB_KIND, ImportLogsRequest
 from services.common.clock import now
 from services.common.grpc.distillery.v1 import logs_pb2, logs_pb2_grpc
@@ -182,7 +182,7 @@ async def run_import(
                 response_deserializer=None,
             )
             request = logs_pb2.SearchLogsRequest(
-                filters=filters, limit=body.limit or 0, batch_size=SEARCH_BATCH_LOGS, omit_raw_payloads=True
+                filters=filters, limit=body.limit or 0, batch_size=SEARCH_BATCH_LOGS, fields=LOG_FIELDS
             )
             queue: asyncio.Queue[asyncio.Future[Converted] | None] = asyncio.Queue(
                 maxsize=importer.workers + 2

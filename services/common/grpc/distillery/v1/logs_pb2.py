@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64istillery/v1/logs.proto\x12\rdistillery.v1\"\xc8\x03\n\nLogFilters\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rcompletion_id\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x13\n\x06status\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x1f\n\x12requested_after_ms\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12 \n\x13requested_before_ms\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x39\n\x08metadata\x18\x06 \x03(\x0b\x32\'.distillery.v1.LogFilters.MetadataEntry\x12\x1d\n\x10request_contains\x18\x07 \x01(\tH\x05\x88\x01\x01\x12\"\n\x15response_not_contains\x18\x08 \x01(\tH\x06\x88\x01\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_modelB\x10\n\x0e_completion_idB\t\n\x07_statusB\x15\n\x13_requested_after_msB\x16\n\x14_requested_before_msB\x13\n\x11_request_containsB\x18\n\x16_response_not_contains\"\x90\x01\n\x11SearchLogsRequest\x12*\n\x07\x66ilters\x18\x01 \x01(\x0b\x32\x19.distillery.v1.LogFilters\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x11\n\tbefore_id\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x19\n\x11omit_raw_payloads\x18\x05 \x01(\x08\":\n\x0fRequestLogBatch\x12\'\n\x04logs\x18\x01 \x03(\x0b\x32\x19.distillery.v1.RequestLog\">\n\x10\x43ountLogsRequest\x12*\n\x07\x66ilters\x18\x01 \x01(\x0b\x32\x19.distillery.v1.LogFilters\"\"\n\x11\x43ountLogsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\"\xc2\x04\n\nRequestLog\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0frequested_at_ms\x18\x02 \x01(\x03\x12\x16\n\x0ereceived_at_ms\x18\x03 \x01(\x03\x12\x12\n\nlatency_ms\x18\x04 \x01(\x03\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08provider\x18\x06 \x01(\t\x12\x15\n\rcompletion_id\x18\x07 \x01(\t\x12\x0e\n\x06status\x18\x08 \x01(\t\x12\x18\n\x0bstatus_code\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rerror_message\x18\n \x01(\t\x12\x15\n\rfinish_reason\x18\x0b \x01(\t\x12\x15\n\rprompt_tokens\x18\x0c \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\r \x01(\r\x12\x15\n\x08\x63ost_usd\x18\x0e \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tcache_hit\x18\x0f \x01(\x08\x12\x39\n\x08metadata\x18\x10 \x03(\x0b\x32\'.distillery.v1.RequestLog.MetadataEntry\x12\x18\n\x10req_payload_json\x18\x11 \x01(\t\x12\x19\n\x11resp_payload_json\x18\x12 \x01(\t\x12\x1b\n\x13openai_request_json\x18\x13 \x01(\t\x12\x1c\n\x14openai_response_json\x18\x14 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_status_codeB\x0b\n\t_cost_usd2\xf4\x01\n\x08LogQuery\x12G\n\x06Search\x12 .distillery.v1.SearchLogsRequest\x1a\x19.distillery.v1.RequestLog0\x01\x12S\n\rSearchBatches\x12 .distillery.v1.SearchLogsRequest\x1a\x1e.distillery.v1.RequestLogBatch0\x01\x12J\n\x05\x43ount\x12\x1f.distillery.v1.CountLogsRequest\x1a .distillery.v1.CountLogsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64istillery/v1/logs.proto\x12\rdistillery.v1\"\xc8\x03\n\nLogFilters\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rcompletion_id\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x13\n\x06status\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x1f\n\x12requested_after_ms\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12 \n\x13requested_before_ms\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x39\n\x08metadata\x18\x06 \x03(\x0b\x32\'.distillery.v1.LogFilters.MetadataEntry\x12\x1d\n\x10request_contains\x18\x07 \x01(\tH\x05\x88\x01\x01\x12\"\n\x15response_not_contains\x18\x08 \x01(\tH\x06\x88\x01\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_modelB\x10\n\x0e_completion_idB\t\n\x07_statusB\x15\n\x13_requested_after_msB\x16\n\x14_requested_before_msB\x13\n\x11_request_containsB\x18\n\x16_response_not_contains\"\xa0\x01\n\x11SearchLogsRequest\x12*\n\x07\x66ilters\x18\x01 \x01(\x0b\x32\x19.distillery.v1.LogFilters\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x11\n\tbefore_id\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x19\n\x11omit_raw_payloads\x18\x05 \x01(\x08\x12\x0e\n\x06\x66ields\x18\x06 \x03(\t\":\n\x0fRequestLogBatch\x12\'\n\x04logs\x18\x01 \x03(\x0b\x32\x19.distillery.v1.RequestLog\">\n\x10\x43ountLogsRequest\x12*\n\x07\x66ilters\x18\x01 \x01(\x0b\x32\x19.distillery.v1.LogFilters\"\"\n\x11\x43ountLogsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\"\xc2\x04\n\nRequestLog\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0frequested_at_ms\x18\x02 \x01(\x03\x12\x16\n\x0ereceived_at_ms\x18\x03 \x01(\x03\x12\x12\n\nlatency_ms\x18\x04 \x01(\x03\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08provider\x18\x06 \x01(\t\x12\x15\n\rcompletion_id\x18\x07 \x01(\t\x12\x0e\n\x06status\x18\x08 \x01(\t\x12\x18\n\x0bstatus_code\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rerror_message\x18\n \x01(\t\x12\x15\n\rfinish_reason\x18\x0b \x01(\t\x12\x15\n\rprompt_tokens\x18\x0c \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\r \x01(\r\x12\x15\n\x08\x63ost_usd\x18\x0e \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tcache_hit\x18\x0f \x01(\x08\x12\x39\n\x08metadata\x18\x10 \x03(\x0b\x32\'.distillery.v1.RequestLog.MetadataEntry\x12\x18\n\x10req_payload_json\x18\x11 \x01(\t\x12\x19\n\x11resp_payload_json\x18\x12 \x01(\t\x12\x1b\n\x13openai_request_json\x18\x13 \x01(\t\x12\x1c\n\x14openai_response_json\x18\x14 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_status_codeB\x0b\n\t_cost_usd2\xf4\x01\n\x08LogQuery\x12G\n\x06Search\x12 .distillery.v1.SearchLogsRequest\x1a\x19.distillery.v1.RequestLog0\x01\x12S\n\rSearchBatches\x12 .distillery.v1.SearchLogsRequest\x1a\x1e.distillery.v1.RequestLogBatch0\x01\x12J\n\x05\x43ount\x12\x1f.distillery.v1.CountLogsRequest\x1a .distillery.v1.CountLogsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGFILTERS_METADATAENTRY']._serialized_start=320
   _globals['_LOGFILTERS_METADATAENTRY']._serialized_end=367
   _globals['_SEARCHLOGSREQUEST']._serialized_start=503
-  _globals['_SEARCHLOGSREQUEST']._serialized_end=647
-  _globals['_REQUESTLOGBATCH']._serialized_start=649
-  _globals['_REQUESTLOGBATCH']._serialized_end=707
-  _globals['_COUNTLOGSREQUEST']._serialized_start=709
-  _globals['_COUNTLOGSREQUEST']._serialized_end=771
-  _globals['_COUNTLOGSRESPONSE']._serialized_start=773
-  _globals['_COUNTLOGSRESPONSE']._serialized_end=807
-  _globals['_REQUESTLOG']._serialized_start=810
-  _globals['_REQUESTLOG']._serialized_end=1388
+  _globals['_SEARCHLOGSREQUEST']._serialized_end=663
+  _globals['_REQUESTLOGBATCH']._serialized_start=665
+  _globals['_REQUESTLOGBATCH']._serialized_end=723
+  _globals['_COUNTLOGSREQUEST']._serialized_start=725
+  _globals['_COUNTLOGSREQUEST']._serialized_end=787
+  _globals['_COUNTLOGSRESPONSE']._serialized_start=789
+  _globals['_COUNTLOGSRESPONSE']._serialized_end=823
+  _globals['_REQUESTLOG']._serialized_start=826
+  _globals['_REQUESTLOG']._serialized_end=1404
   _globals['_REQUESTLOG_METADATAENTRY']._serialized_start=320
   _globals['_REQUESTLOG_METADATAENTRY']._serialized_end=367
-  _globals['_LOGQUERY']._serialized_start=1391
-  _globals['_LOGQUERY']._serialized_end=1635
+  _globals['_LOGQUERY']._serialized_start=1407
+  _globals['_LOGQUERY']._serialized_end=1651
 # @@protoc_insertion_point(module_scope)

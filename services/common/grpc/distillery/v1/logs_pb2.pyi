@@ -34,18 +34,20 @@ class LogFilters(_message.Message):
     def __init__(self, model: _Optional[str] = ..., completion_id: _Optional[str] = ..., status: _Optional[str] = ..., requested_after_ms: _Optional[int] = ..., requested_before_ms: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., request_contains: _Optional[str] = ..., response_not_contains: _Optional[str] = ...) -> None: ...
 
 class SearchLogsRequest(_message.Message):
-    __slots__ = ("filters", "limit", "before_id", "batch_size", "omit_raw_payloads")
+    __slots__ = ("filters", "limit", "before_id", "batch_size", "omit_raw_payloads", "fields")
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     BEFORE_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     OMIT_RAW_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
     filters: LogFilters
     limit: int
     before_id: str
     batch_size: int
     omit_raw_payloads: bool
-    def __init__(self, filters: _Optional[_Union[LogFilters, _Mapping]] = ..., limit: _Optional[int] = ..., before_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., omit_raw_payloads: _Optional[bool] = ...) -> None: ...
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, filters: _Optional[_Union[LogFilters, _Mapping]] = ..., limit: _Optional[int] = ..., before_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., omit_raw_payloads: _Optional[bool] = ..., fields: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RequestLogBatch(_message.Message):
     __slots__ = ("logs",)
