@@ -81,10 +81,17 @@ _LOG_FIELDS = {
 _RAW_FIELDS = {"req_payload_json": "req_payload", "resp_payload_json": "resp_payload"}
 
 
-def request_log_fields(raw_payloads: bool) -> tuple[tuple[str, ...], str]:
-    """The field names of each selected row and the SELECT list that produces them."""
-    fields = {**_LOG_FIELDS, **(_RAW_FIELDS if raw_payloads else {})}
-    return tuple(fields), ", ".join(fields.values())
+def request_log_fields(request: logs_pb2.SearchLogsRequest) -> tuple[tuple[str, ...], str]:
+    """The field names of each selected row (``id`` first: it is the cursor) and the SELECT list
+    that produces them; raises InvalidArgument for an unknown name in ``request.fields``."""
+    known = {**_LOG_FIELDS, **({} if request.omit_raw_payloads else _RAW_FIELDS)}
+    if not request.fields:
+        return tuple(known), ", ".join(known.values())
+    unknown = sorted(set(request.fields) - set(_LOG_FIELDS) - set(_RAW_FIELDS))
+    if unknown:
+        raise InvalidArgument(f"fields: unknown RequestLog field(s) {', '.join(unknown)}.")
+    names = ("id", *(name for name in known if name != "id" and name in request.fields))
+    return names, ", ".join(known[name] for name in names)
 
 
 async def prefetched_pages(
@@ -122,6 +129,24 @@ async def prefetched_pages(
             pending.cancel()
 
 
+def batches_of(rows: list[tuple], names: tuple[str, ...], size: int) -> list[logs_pb2.RequestLogBatch]:
+    """``rows`` as messages of at most ``size`` logs, each ending early once its payloads pass
+    ``BATCH_PAYLOAD_BYTES``. Runs in a worker thread: building the messages is most of what a
+    bulk read costs, and the event loop has requests to serve."""
+    payloads = [names.index(n) for n in names if n.endswith("_json")]
+    batches, batch, payload_bytes = [], logs_pb2.RequestLogBatch(), 0
+    for row in rows:
+        row_bytes = sum(len(row[i]) for i in payloads)
+        if batch.logs and (len(batch.logs) >= size or payload_bytes + row_bytes > BATCH_PAYLOAD_BYTES):
+            batches.append(batch)
+            batch, payload_bytes = logs_pb2.RequestLogBatch(), 0
+        batch.logs.add(**dict(zip(names, row, strict=True)))
+        payload_bytes += row_bytes
+    if batch.logs:
+        batches.append(batch)
+    return batches
+
+
 class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
     def __init__(self, clickhouse: ClickHouse, keyring: KeyRing, internal_token: str | None = None) -> None:
         self.clickhouse = clickhouse
@@ -140,12 +165,20 @@ class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
+    async def _fields(
+        self, request: logs_pb2.SearchLogsRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[tuple[str, ...], str]:
+        try:
+            return request_log_fields(request)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
     async def Search(
         self, request: logs_pb2.SearchLogsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[logs_pb2.RequestLog]:
         project_id = await self._project(context)
         filters = await self._filters(request.filters, context)
-        names, columns = request_log_fields(raw_payloads=not request.omit_raw_payloads)
+        names, columns = await self._fields(request, context)
         pages = prefetched_pages(
             self.clickhouse,
             project_id,
@@ -169,34 +202,23 @@ class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
         project_id = await self._project(context)
         filters = await self._filters(request.filters, context)
         size = min(request.batch_size or DEFAULT_BATCH_LOGS, MAX_BATCH_LOGS)
-        names, columns = request_log_fields(raw_payloads=not request.omit_raw_payloads)
-        payloads = [names.index(n) for n in names if n.endswith("_json")]
+        names, columns = await self._fields(request, context)
         pages = prefetched_pages(
             self.clickhouse,
             project_id,
             filters,
             columns,
-            page_size=max(size, PAGE_ROWS),
+            page_size=size * -(-PAGE_ROWS // size),  # whole batches: only the last one is short
             limit=request.limit or None,
             before_id=request.before_id,
         )
-        batch, payload_bytes = logs_pb2.RequestLogBatch(), 0
         try:
             async for rows in pages:
-                for row in rows:
-                    row_bytes = sum(len(row[i]) for i in payloads)
-                    if batch.logs and (
-                        len(batch.logs) >= size or payload_bytes + row_bytes > BATCH_PAYLOAD_BYTES
-                    ):
-                        yield batch
-                        batch, payload_bytes = logs_pb2.RequestLogBatch(), 0
-                    batch.logs.add(**dict(zip(names, row, strict=True)))
-                    payload_bytes += row_bytes
+                for batch in await asyncio.to_thread(batches_of, rows, names, size):
+                    yield batch
         except Exception as exc:
             log.warning("LogQuery.SearchBatches failed: %s", exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, STORE_UNAVAILABLE)
-        if batch.logs:
-            yield batch
 
     async def Count(
         self, request: logs_pb2.CountLogsRequest, context: grpc.aio.ServicerContext
