@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy.exc import IntegrityError
 
@@ -36,3 +38,22 @@ async def test_migrations_projects_and_keys(database_url: str) -> None:
             assert len(await projects.active_keys(session=session)) == 2
     finally:
         await engine.dispose()
+
+
+async def test_sqlite_connections_get_the_catalogs_settings(tmp_path: Path) -> None:
+    """Each pooled connection: WAL with synchronous=NORMAL, foreign keys on, a 64 MiB page cache and
+    checkpoints at 32768 pages (bulk imports)."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}")
+    try:
+        async with engine.connect() as connection:
+            names = ("journal_mode", "synchronous", "foreign_keys", "cache_size", "wal_autocheckpoint")
+            settings = {name: (await connection.exec_driver_sql(f"PRAGMA {name}")).scalar() for name in names}
+    finally:
+        await engine.dispose()
+    assert settings == {
+        "journal_mode": "wal",
+        "synchronous": 1,
+        "foreign_keys": 1,
+        "cache_size": -65536,
+        "wal_autocheckpoint": 32768,
+    }

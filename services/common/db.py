@@ -44,6 +44,10 @@ def make_engine(url: str) -> AsyncEngine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             # 64 MiB of page cache (default 2 MiB): bulk inserts touch the entry indexes at random.
             cursor.execute("PRAGMA cache_size=-65536")
+            # Checkpoint the WAL at 128 MiB (default 4 MiB): a bulk transaction's tens of MiB of
+            # pages then get copied once per few transactions, not once each (a 1M-log import:
+            # ~51 s against ~58 s).
+            cursor.execute("PRAGMA wal_autocheckpoint=32768")
             cursor.close()
 
         return engine
