@@ -11,14 +11,18 @@ Then:
 1. ``POST /criteria/judge`` at concurrency 1, 16 and 64 (one caller at 1; at 16 and 64, calls
    arriving as independent callers' do, a Poisson process at 16 or 64 per 200 ms, unless
    ``--arrivals closed``, see ``closed_loop``): judgements/s; "overhead" is the latency
-   beyond the upstream's 200 ms (HTTP in, the criteria lookup, rendering, the router's path to
-   the upstream and back, parsing the verdict, and any wait for the event loop, the client's
-   included); "beyond the model" is the latency minus the judge-model call the judge reports in
-   ``Server-Timing`` (the same without the router's path and the upstream); "judge's code" is
-   what the judge reports in ``Server-Timing`` for its work minus that call (the judge's own
-   work in the server: the criteria lookup, rendering, parsing the verdict); "the upstream
-   alone" is the baseline, run just before at the same load: the same calls straight to the fake
-   (the client, the loopback and the fake's timer, without the platform);
+   beyond the upstream's nominal 200 ms (HTTP in, the criteria lookup, rendering, the router's
+   path to the upstream and back, parsing the verdict, and any wait for the event loop, the
+   client's included); "beyond the upstream's time" is the latency minus the time the fake says
+   it held that very call (each call's output carries a mark that reaches the fake in the
+   rendered prompt; its timer fires late when its process waits for a core, which is the
+   upstream's time, not the judge's); "beyond the model" is the latency minus the judge-model
+   call the judge reports in ``Server-Timing`` (the same without the router's path and the
+   upstream); "judge's code" is what the judge reports in ``Server-Timing`` for its work minus
+   that call (the judge's own work in the server: the criteria lookup, rendering, parsing the
+   verdict); "the upstream alone" is the baseline, run just before at the same load: the same
+   calls straight to the fake (the client, the loopback and the fake's timer, without the
+   platform);
 2. best-of-N: ``POST /chat/completions`` with ``n=4`` and ``op-criteria`` naming both criteria
    (8 judge calls) against the same request without criteria, one at a time.
 
@@ -30,8 +34,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -59,14 +65,17 @@ JUDGE_BODY = {
     "input": {"messages": [{"role": "user", "content": "What is the capital of Sweden?"}]},
     "output": {"role": "assistant", "content": "Stockholm"},
 }
-JUDGE_JSON = json.dumps(JUDGE_BODY)
+# Each measured call's output carries ``call-<n>``, which reaches the judge model in the rendered
+# prompt: the fake records how long it held call n, and the bench subtracts exactly that.
+CALL_MARK = re.compile(rb"call-(\d+)")
+JUDGE_JSON = json.dumps(JUDGE_BODY).replace("Stockholm", "Stockholm call-{n}")
 # what the judge sends the judge model, in short
 UPSTREAM_JSON = json.dumps(
     {
         "model": "judge",
         "messages": [
             {"role": "system", "content": "Fail marked mistakes."},
-            {"role": "user", "content": "<output>Stockholm</output>"},
+            {"role": "user", "content": "<output>Stockholm call-{n}</output>"},
         ],
         "tools": [{"type": "function", "function": {"name": "record_judgement", "parameters": {}}}],
     }
@@ -123,10 +132,14 @@ def recorded_replies() -> dict[str, bytes]:
 
 
 async def serve_lean_upstream(port: int) -> None:
+    """Answers each call ``UPSTREAM_LATENCY`` after its request arrived; ``GET /held`` answers (and
+    forgets) how long it actually held each marked call, by mark, in seconds (its timer fires late
+    when its process waits for a core)."""
     import httptools
 
     replies = recorded_replies()
     loop = asyncio.get_running_loop()
+    held: dict[int, float] = {}
 
     class Upstream(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,16 +153,25 @@ async def serve_lean_upstream(port: int) -> None:
             self.body.append(chunk)
 
         def on_message_complete(self) -> None:
+            received = time.perf_counter()
             body, self.body = b"".join(self.body), []
+            if self.parser.get_method() == b"GET":
+                data = json.dumps(held).encode()
+                held.clear()
+                self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data))
+                return
             if b"record_judgement" not in body:
                 reply = replies["generated"]
             else:
                 reply = replies["FAIL" if b"[bad]" in body else "PASS"]
-            loop.call_later(UPSTREAM_LATENCY, self.answer, reply)
+            mark = CALL_MARK.search(body)
+            loop.call_later(UPSTREAM_LATENCY, self.answer, reply, mark and int(mark[1]), received)
 
-        def answer(self, reply: bytes) -> None:
+        def answer(self, reply: bytes, mark: int | None, received: float) -> None:
             if not self.transport.is_closing():
                 self.transport.write(reply)
+                if mark is not None:
+                    held[mark] = time.perf_counter() - received
 
     server = await loop.create_server(Upstream, "127.0.0.1", port, backlog=1024)
     await server.serve_forever()
@@ -172,26 +194,30 @@ def collector_paused() -> Iterator[None]:
         gc.enable()
 
 
+CALLS = itertools.count()
+
+
 async def judge_level(
     client: aiohttp.ClientSession, concurrency: int, total: int, arrivals: str
-) -> tuple[float, list[float], list[float], list[float], int]:
-    """Wall time, latencies, the time per judgement beyond the judge-model call (client-measured),
-    the judge's code's time in the server (both from Server-Timing) and failures."""
-    latencies: list[float] = []
+) -> tuple[float, dict[int, float], list[float], list[float], int]:
+    """Wall time, latencies by call mark, the time per judgement beyond the judge-model call
+    (client-measured), the judge's code's time in the server (both from Server-Timing) and failures."""
+    latencies: dict[int, float] = {}
     beyond_model: list[float] = []
     code: list[float] = []
     failures = 0
 
     async def judge_one() -> None:
         nonlocal failures
+        mark = next(CALLS)
         started = time.perf_counter()
-        async with client.post("criteria/judge", data=JUDGE_JSON) as response:
+        async with client.post("criteria/judge", data=JUDGE_JSON.replace("{n}", str(mark))) as response:
             await response.read()
         elapsed = time.perf_counter() - started
         if response.status != 200:
             failures += 1
             return
-        latencies.append(elapsed)
+        latencies[mark] = elapsed
         timing_ms = parse_server_timing(response.headers["server-timing"])
         beyond_model.append(elapsed - timing_ms["model"] / 1000)
         code.append((timing_ms["judge"] - timing_ms["model"]) / 1000)
@@ -203,20 +229,30 @@ async def judge_level(
 
 async def upstream_level(
     upstream: aiohttp.ClientSession, concurrency: int, total: int, arrivals: str
-) -> list[float]:
-    """The baseline: latencies of the same calls made straight to the fake judge model (the
-    client's own time, the loopback and the upstream's timer included, the platform not)."""
-    latencies: list[float] = []
+) -> dict[int, float]:
+    """The baseline: latencies (by call mark) of the same calls made straight to the fake judge
+    model (the client's own time, the loopback and the upstream's timer included, the platform not)."""
+    latencies: dict[int, float] = {}
 
     async def call_one() -> None:
+        mark = next(CALLS)
         started = time.perf_counter()
-        async with upstream.post("chat/completions", data=UPSTREAM_JSON) as response:
+        async with upstream.post(
+            "chat/completions", data=UPSTREAM_JSON.replace("{n}", str(mark))
+        ) as response:
             await response.read()
         if response.status == 200:
-            latencies.append(time.perf_counter() - started)
+            latencies[mark] = time.perf_counter() - started
 
     await make_calls(call_one, concurrency=concurrency, total=total, arrivals=arrivals)
     return latencies
+
+
+async def beyond_upstream(upstream: aiohttp.ClientSession, latencies: dict[int, float]) -> list[float]:
+    """Each call's latency minus the time the fake judge model says it held that call, in ms."""
+    async with upstream.get("held") as response:
+        held = {int(mark): seconds for mark, seconds in (await response.json(content_type=None)).items()}
+    return [(latency - held[mark]) * 1000 for mark, latency in latencies.items() if mark in held]
 
 
 async def make_calls(
@@ -296,25 +332,25 @@ async def measure(
         await judge_level(client, 4, 16, "closed")  # warm up connections and code paths
         lines.append(
             "| concurrency | judgements | judgements/s | latency p50 | overhead p50 / p99 "
-            "| beyond the model p50 / p99 | judge's code p50 / p99 | platform CPU per judgement "
-            "| failed | the upstream alone: overhead p50 / p99 |"
+            "| beyond the upstream's time p50 / p99 | beyond the model p50 / p99 "
+            "| judge's code p50 / p99 | platform CPU per judgement | failed "
+            "| the upstream alone: overhead p50 / p99 | the upstream alone: beyond its time p50 / p99 |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         one_judge = UPSTREAM_LATENCY
         for level in LEVELS:
             total = min(100, requests) if level == 1 else max(requests, level * 2)
             with collector_paused():
-                alone = [
-                    (x - UPSTREAM_LATENCY) * 1000
-                    for x in await upstream_level(upstream, level, total, arrivals)
-                ]
+                alone_by_call = await upstream_level(upstream, level, total, arrivals)
+            alone = [(x - UPSTREAM_LATENCY) * 1000 for x in alone_by_call.values()]
+            alone_beyond = await beyond_upstream(upstream, alone_by_call)
             cpu_before = cpu_seconds(pid)
             with collector_paused():
-                wall, latencies, beyond_model, code, failed = await judge_level(
-                    client, level, total, arrivals
-                )
-            cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, len(latencies))
+                wall, by_call, beyond_model, code, failed = await judge_level(client, level, total, arrivals)
+            cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, len(by_call))
+            latencies = list(by_call.values())
             overhead = [(x - UPSTREAM_LATENCY) * 1000 for x in latencies]
+            beyond_upstream_ms = await beyond_upstream(upstream, by_call)
             beyond_ms = [x * 1000 for x in beyond_model]
             code_ms = [x * 1000 for x in code]
             if level == 1:
@@ -323,9 +359,11 @@ async def measure(
                 f"| {level} | {len(latencies)} | {len(latencies) / wall:.1f} | "
                 f"{pct(latencies, 50) * 1000:.1f} ms | "
                 f"{pct(overhead, 50):.1f} / {pct(overhead, 99):.1f} ms | "
+                f"{pct(beyond_upstream_ms, 50):.1f} / {pct(beyond_upstream_ms, 99):.1f} ms | "
                 f"{pct(beyond_ms, 50):.1f} / {pct(beyond_ms, 99):.1f} ms | "
                 f"{pct(code_ms, 50):.2f} / {pct(code_ms, 99):.2f} ms | {cpu_ms:.1f} ms | {failed} | "
-                f"{pct(alone, 50):.1f} / {pct(alone, 99):.1f} ms |"
+                f"{pct(alone, 50):.1f} / {pct(alone, 99):.1f} ms | "
+                f"{pct(alone_beyond, 50):.1f} / {pct(alone_beyond, 99):.1f} ms |"
             )
             print(lines[-1], flush=True)
         await chat_latencies(client, 2, True)
