@@ -54,10 +54,8 @@ class ClickHouse:
     async def command(self, sql: str, parameters: dict | None = None) -> Any:
         return await asyncio.to_thread(self._run, "command", sql, parameters=parameters)
 
-    # The result is turned into rows in the worker thread too: the transposition is Python work
-    # that would otherwise run on the event loop.
-
     async def query_rows(self, sql: str, parameters: dict | None = None) -> list[tuple]:
+        """Rows made in the worker thread too: the transposition is Python work the loop is spared."""
         return await asyncio.to_thread(lambda: self._run("query", sql, parameters=parameters).result_rows)
 
     async def query_dicts(self, sql: str, parameters: dict | None = None) -> list[dict]:

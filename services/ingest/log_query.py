@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -208,7 +209,7 @@ class LogQueryServicer(logs_pb2_grpc.LogQueryServicer):
             project_id,
             filters,
             columns,
-            page_size=size * -(-PAGE_ROWS // size),  # whole batches: only the last one is short
+            page_size=size * math.ceil(PAGE_ROWS / size),  # whole batches: only the last one is short
             limit=request.limit or None,
             before_id=request.before_id,
         )
