@@ -212,6 +212,23 @@ async def test_unknown_field_is_invalid_argument(stub: logs_pb2_grpc.LogQueryStu
         await search(stub, project.key, fields=["status", "password"])
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "fields" in (failed.value.details() or "") and "password" in (failed.value.details() or "")
+    request = logs_pb2.SearchLogsRequest(fields=["password"])
+    with pytest.raises(grpc.aio.AioRpcError) as batched:
+        [batch async for batch in stub.SearchBatches(request, metadata=auth(project.key))]
+    assert batched.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_batches_end_at_their_size_or_once_their_payloads_are_large() -> None:
+    names = ("id", "status", "openai_request_json")
+    small = [(f"log{i}", "success", "x" * 10) for i in range(5)]
+    assert [len(b.logs) for b in log_query.batches_of(small, names, 2)] == [2, 2, 1]
+    half = log_query.BATCH_PAYLOAD_BYTES // 2
+    large = [("a", "success", "x" * half), ("b", "success", "x" * half), ("c", "success", "x")]
+    batches = log_query.batches_of(large, names, 10)
+    assert [[log.id for log in b.logs] for b in batches] == [["a", "b"], ["c"]]
+    alone = [("big", "success", "x" * (log_query.BATCH_PAYLOAD_BYTES + 1)), ("next", "success", "")]
+    assert [[log.id for log in b.logs] for b in log_query.batches_of(alone, names, 10)] == [["big"], ["next"]]
+    assert log_query.batches_of([], names, 10) == []
 
 
 async def test_another_projects_key_sees_nothing(
