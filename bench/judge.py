@@ -320,7 +320,14 @@ def json_session(base_url: str, key: str, *, limit: int) -> aiohttp.ClientSessio
 
 
 async def measure(
-    port: int, key: str, requests: int, rounds: int, pid: int, arrivals: str, upstream_port: int
+    port: int,
+    key: str,
+    requests: int,
+    rounds: int,
+    pid: int,
+    arrivals: str,
+    upstream_port: int,
+    levels: tuple[int, ...] = LEVELS,
 ) -> list[str]:
     lines = []
     # aiohttp, not httpx: at 64 in flight httpx's own CPU saturated the bench's event loop, and
@@ -338,7 +345,7 @@ async def measure(
         )
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         one_judge = UPSTREAM_LATENCY
-        for level in LEVELS:
+        for level in levels:
             total = min(100, requests) if level == 1 else max(requests, level * 2)
             with collector_paused():
                 alone_by_call = await upstream_level(upstream, level, total, arrivals)
@@ -387,6 +394,12 @@ def main() -> int:
     )
     parser.add_argument("--requests", type=int, default=320)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--levels",
+        type=lambda text: tuple(int(x) for x in text.split(",")),
+        default=LEVELS,
+        help="concurrency levels, comma-separated (default 1,16,64)",
+    )
     parser.add_argument("--keep", action="store_true")
     parser.add_argument(
         "--upstream",
@@ -443,7 +456,14 @@ def main() -> int:
             http.close()
             lines = asyncio.run(
                 measure(
-                    stack.port, key, args.requests, args.rounds, stack.up.pid, args.arrivals, upstream_port
+                    stack.port,
+                    key,
+                    args.requests,
+                    args.rounds,
+                    stack.up.pid,
+                    args.arrivals,
+                    upstream_port,
+                    args.levels,
                 )
             )
             print("\n".join(lines))
