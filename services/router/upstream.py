@@ -17,6 +17,7 @@ import orjson
 
 from services.common import metrics
 from services.common.errors import APIError
+from services.router.http1 import Http1Client
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +118,18 @@ def error_from_response(provider: str, failed: Failed) -> UpstreamError:
 
 
 class Upstream:
-    """Shared, pooled HTTP sessions keyed by base URL; every provider call goes through here.
+    """Every provider call goes through here: whole JSON answers on the lean ``http1`` client,
+    streamed ones on pooled aiohttp sessions keyed by base URL.
 
-    aiohttp rather than httpx: httpx's pool does work per idle connection on every request
-    (quadratic under load), which bench/router.py measured as most of the router's CPU.
+    aiohttp rather than httpx for streams: httpx's pool does work per idle connection on every
+    request (quadratic under load), which bench/router.py measured as most of the router's CPU.
     """
 
     def __init__(self, *, timeout: float, retry: RetryPolicy) -> None:
         self.timeout = timeout
         self.retry = retry
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self.http = Http1Client()
 
     def session(self, base_url: str) -> aiohttp.ClientSession:
         session = self._sessions.get(base_url)
@@ -141,6 +144,7 @@ class Upstream:
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self._sessions.values()), return_exceptions=True)
         self._sessions.clear()
+        await self.http.close()
 
     async def post_json(
         self,
@@ -152,12 +156,36 @@ class Upstream:
         headers: dict[str, str],
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        """POST with retries on 429/5xx and connection errors; returns the parsed JSON body."""
-        async with self._send(provider, base_url, path, body, headers=headers, timeout=timeout) as response:
+        """POST with retries on 429/5xx and connection errors; returns the parsed JSON body.
+
+        On the lean client (``http1``): a caller's deadline bounds the whole call, otherwise each
+        attempt may take up to the upstream timeout (the answer comes whole, so that is its read)."""
+        url = base_url.rstrip("/") + path
+        content = orjson.dumps(body)
+        request_headers = {"content-type": "application/json", **headers}
+        attempt = 0
+        while True:
+            attempt += 1
+            if attempt > 1:
+                metrics.ROUTER_RETRIES.labels(provider).inc()
+            sent = time.perf_counter()
             try:
-                return orjson.loads(await response.read())
-            except orjson.JSONDecodeError:
-                raise UpstreamError(502, f"{provider} returned a body that is not JSON") from None
+                reply = await self.http.post(url, content, request_headers, timeout=timeout or self.timeout)
+            except OSError as exc:  # TimeoutError included
+                await self._wait_to_retry(provider, attempt, timeout, exc)
+                continue
+            except ValueError as exc:
+                raise UpstreamError(
+                    400, f"{provider}: cannot send the request: {exc}", type="invalid_request_error"
+                ) from None
+            metrics.observe_upstream(provider, reply.status, time.perf_counter() - sent)
+            if reply.status < 400:
+                try:
+                    return orjson.loads(reply.body)
+                except orjson.JSONDecodeError:
+                    raise UpstreamError(502, f"{provider} returned a body that is not JSON") from None
+            failed = Failed(reply.status, reply.headers, reply.body)
+            await self._wait_to_retry_failed(provider, attempt, failed)
 
     @asynccontextmanager
     async def stream_lines(
@@ -206,43 +234,54 @@ class Upstream:
                 response = await session.post(
                     url, data=content, headers=request_headers, timeout=self._timeout(timeout)
                 )
-            except TimeoutError:
-                if attempt <= self.retry.max_retries and timeout is None:
-                    await asyncio.sleep(self.retry.delay(attempt, None) or 0)
-                    continue
-                raise UpstreamError(
-                    504, f"{provider} did not answer in time", code="upstream_timeout"
-                ) from None
-            except aiohttp.ClientError as exc:
-                if attempt <= self.retry.max_retries:
-                    await asyncio.sleep(self.retry.delay(attempt, None) or 0)
-                    continue
-                raise UpstreamError(
-                    502, f"cannot reach {provider}: {type(exc).__name__}", code="upstream_unreachable"
-                ) from None
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                await self._wait_to_retry(provider, attempt, timeout, exc)
+                continue
             metrics.observe_upstream(provider, response.status, time.perf_counter() - sent)
             if response.status < 400:
                 break
-            failed = Failed(response.status, dict(response.headers), await response.read())
+            headers = {name.lower(): value for name, value in response.headers.items()}
+            failed = Failed(response.status, headers, await response.read())
             response.release()
-            if failed.status in RETRY_STATUSES and attempt <= self.retry.max_retries:
-                delay = self.retry.delay(attempt, failed)
-                if delay is not None:
-                    log.info("%s answered %d; retry %d in %.2fs", provider, failed.status, attempt, delay)
-                    await asyncio.sleep(delay)
-                    continue
-            if failed.status == 429:
-                raise UpstreamError(
-                    429,
-                    f"{provider} rate limit: {_upstream_message(failed)[0]}",
-                    type="rate_limit_error",
-                    code="rate_limit_exceeded",
-                )
-            raise error_from_response(provider, failed)
+            await self._wait_to_retry_failed(provider, attempt, failed)
         try:
             yield response
         finally:
             response.release()
+
+    async def _wait_to_retry(
+        self, provider: str, attempt: int, timeout: float | None, exc: Exception
+    ) -> None:
+        """After a call that got no answer: wait before the next attempt, or raise its clear error.
+        A caller's deadline (``timeout``) that passed is not retried: it was the whole budget."""
+        if isinstance(exc, TimeoutError):
+            if attempt <= self.retry.max_retries and timeout is None:
+                await asyncio.sleep(self.retry.delay(attempt, None) or 0)
+                return
+            raise UpstreamError(504, f"{provider} did not answer in time", code="upstream_timeout") from None
+        if attempt <= self.retry.max_retries:
+            await asyncio.sleep(self.retry.delay(attempt, None) or 0)
+            return
+        raise UpstreamError(
+            502, f"cannot reach {provider}: {type(exc).__name__}", code="upstream_unreachable"
+        ) from None
+
+    async def _wait_to_retry_failed(self, provider: str, attempt: int, failed: Failed) -> None:
+        """After an error answer: wait before the next attempt (429/5xx), or raise its clear error."""
+        if failed.status in RETRY_STATUSES and attempt <= self.retry.max_retries:
+            delay = self.retry.delay(attempt, failed)
+            if delay is not None:
+                log.info("%s answered %d; retry %d in %.2fs", provider, failed.status, attempt, delay)
+                await asyncio.sleep(delay)
+                return
+        if failed.status == 429:
+            raise UpstreamError(
+                429,
+                f"{provider} rate limit: {_upstream_message(failed)[0]}",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+            )
+        raise error_from_response(provider, failed)
 
 
 async def _lines(response: aiohttp.ClientResponse, provider: str) -> AsyncIterator[str]:
