@@ -56,6 +56,7 @@ from platform_stack import PYTHON, Http, PlatformStack, cpu_seconds  # noqa: E40
 
 from services.common.kafka import free_port  # noqa: E402
 from services.judge.protocol import parse_server_timing  # noqa: E402
+from services.router.http1 import Http1Client, Reply  # noqa: E402
 from tests.fake_judge import JUDGE_KEY  # noqa: E402
 
 UPSTREAM_LATENCY = 0.2
@@ -198,7 +199,7 @@ CALLS = itertools.count()
 
 
 async def judge_level(
-    client: aiohttp.ClientSession, concurrency: int, total: int, arrivals: str
+    client: Poster, concurrency: int, total: int, arrivals: str
 ) -> tuple[float, dict[int, float], list[float], list[float], int]:
     """Wall time, latencies by call mark, the time per judgement beyond the judge-model call
     (client-measured), the judge's code's time in the server (both from Server-Timing) and failures."""
@@ -211,8 +212,7 @@ async def judge_level(
         nonlocal failures
         mark = next(CALLS)
         started = time.perf_counter()
-        async with client.post("criteria/judge", data=JUDGE_JSON.replace("{n}", str(mark))) as response:
-            await response.read()
+        response = await client.post("criteria/judge", JUDGE_JSON.replace("{n}", str(mark)))
         elapsed = time.perf_counter() - started
         if response.status != 200:
             failures += 1
@@ -227,9 +227,7 @@ async def judge_level(
     return time.perf_counter() - started, latencies, beyond_model, code, failures
 
 
-async def upstream_level(
-    upstream: aiohttp.ClientSession, concurrency: int, total: int, arrivals: str
-) -> dict[int, float]:
+async def upstream_level(upstream: Poster, concurrency: int, total: int, arrivals: str) -> dict[int, float]:
     """The baseline: latencies (by call mark) of the same calls made straight to the fake judge
     model (the client's own time, the loopback and the upstream's timer included, the platform not)."""
     latencies: dict[int, float] = {}
@@ -237,10 +235,7 @@ async def upstream_level(
     async def call_one() -> None:
         mark = next(CALLS)
         started = time.perf_counter()
-        async with upstream.post(
-            "chat/completions", data=UPSTREAM_JSON.replace("{n}", str(mark))
-        ) as response:
-            await response.read()
+        response = await upstream.post("chat/completions", UPSTREAM_JSON.replace("{n}", str(mark)))
         if response.status == 200:
             latencies[mark] = time.perf_counter() - started
 
@@ -308,6 +303,22 @@ async def chat_latencies(client: aiohttp.ClientSession, rounds: int, criteria: b
     return out
 
 
+class Poster:
+    """POSTs of ready-made JSON for the measured calls, on the router's lean HTTP/1.1 client
+    (``services/router/http1.py``): a third of aiohttp's CPU per call in the bench's own process,
+    whose queueing would otherwise read as the judge's latency (the upstream-alone baseline uses
+    it too)."""
+
+    def __init__(self, base_url: str, key: str) -> None:
+        self.base_url = base_url
+        self.headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+        # idle connections are dropped before uvicorn's 5 s keep-alive closes them
+        self.http = Http1Client(keepalive_seconds=4)
+
+    async def post(self, path: str, body: str) -> Reply:
+        return await self.http.post(self.base_url + path, body.encode(), self.headers, timeout=60)
+
+
 def json_session(base_url: str, key: str, *, limit: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         base_url=base_url,
@@ -330,13 +341,15 @@ async def measure(
     levels: tuple[int, ...] = LEVELS,
 ) -> list[str]:
     lines = []
-    # aiohttp, not httpx: at 64 in flight httpx's own CPU saturated the bench's event loop, and
-    # its queueing showed up as the judge's latency.
+    # The measured calls go through ``Poster``; aiohttp (not httpx, whose CPU at 64 in flight
+    # saturated the bench's loop) serves the rest: the fake's hold times and best-of-N.
     async with (
         json_session(f"http://127.0.0.1:{port}/api/v1/", key, limit=128) as client,
         json_session(f"http://127.0.0.1:{upstream_port}/v1/", JUDGE_KEY, limit=512) as upstream,
     ):
-        await judge_level(client, 4, 16, "closed")  # warm up connections and code paths
+        poster = Poster(f"http://127.0.0.1:{port}/api/v1/", key)
+        upstream_poster = Poster(f"http://127.0.0.1:{upstream_port}/v1/", JUDGE_KEY)
+        await judge_level(poster, 4, 16, "closed")  # warm up connections and code paths
         lines.append(
             "| concurrency | judgements | judgements/s | latency p50 | overhead p50 / p99 "
             "| beyond the upstream's time p50 / p99 | beyond the model p50 / p99 "
@@ -348,12 +361,12 @@ async def measure(
         for level in levels:
             total = min(100, requests) if level == 1 else max(requests, level * 2)
             with collector_paused():
-                alone_by_call = await upstream_level(upstream, level, total, arrivals)
+                alone_by_call = await upstream_level(upstream_poster, level, total, arrivals)
             alone = [(x - UPSTREAM_LATENCY) * 1000 for x in alone_by_call.values()]
             alone_beyond = await beyond_upstream(upstream, alone_by_call)
             cpu_before = cpu_seconds(pid)
             with collector_paused():
-                wall, by_call, beyond_model, code, failed = await judge_level(client, level, total, arrivals)
+                wall, by_call, beyond_model, code, failed = await judge_level(poster, level, total, arrivals)
             cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, len(by_call))
             latencies = list(by_call.values())
             overhead = [(x - UPSTREAM_LATENCY) * 1000 for x in latencies]
