@@ -126,6 +126,18 @@ async def test_judgements_are_stored_once_with_version_model_tokens_and_cost(
     assert bad["status"] == "error" and bad["error_code"] == "upstream_error" and bad["cost_usd"] is None
 
 
+async def test_a_batch_larger_than_a_decoding_slice_is_stored_whole(project: Project, running) -> None:
+    from services.ingest.analytics import DECODE_SLICE
+
+    events = [judgement(project.id) for _ in range(DECODE_SLICE * 2 + 10)]
+    await publish(running, JUDGEMENTS_TOPIC, [*events, events[0]], project.id)  # one repeated
+    await wait_until(
+        lambda: _has(running, "judgements", project.id, len(events)), timeout=15, what="all judgements"
+    )
+    rows = await stored(running, "judgements", project.id)
+    assert {r["judgement_id"] for r in rows} == {e.judgement_id for e in events}
+
+
 async def test_eval_outputs_and_scores_are_stored_once(project: Project, running) -> None:
     eval_id = f"eval-{secrets.token_hex(6)}"
     row_event = eval_row_event(project.id, eval_id, "entry-1")

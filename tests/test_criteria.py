@@ -417,5 +417,19 @@ async def test_catalog_functions_on_sqlite_and_postgres(database_url: str) -> No
                 == 1
             )
             assert len(await service.catalog_records(session=session)) == 1
+        # more verdicts than one statement's slice; those already stored are skipped in every slice
+        many = [
+            event.model_copy(update={"judgement_id": f"jdg_{i}"}) for i in range(service.STORE_SLICE * 2 + 5)
+        ]
+        async with sessions.begin() as session:
+            assert await service.store_judgements(session=session, events=many[::3]) == len(many[::3])
+        async with sessions.begin() as session:
+            stored = await service.store_judgements(session=session, events=[*many, event])
+            assert stored == len(many) - len(many[::3])
+        async with sessions() as session:
+            listed = await service.list_judgements(
+                session=session, project_id=project.id, name="c", limit=100
+            )
+            assert len(listed) == len(many) + 1
     finally:
         await engine.dispose()

@@ -10,6 +10,7 @@ the event's stable id (tables in ``store.py``), so a re-delivered event is store
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -28,6 +29,9 @@ from services.common.events import EVAL_EVENTS_TOPIC, JUDGEMENTS_TOPIC, EvalEven
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Records decoded and made rows at a time on the event loop, which serves requests in between.
+DECODE_SLICE = 64
 
 JUDGEMENTS_GROUP = "ingest-clickhouse-judgements"
 EVALS_GROUP = "ingest-clickhouse-evals"
@@ -169,11 +173,16 @@ def _register(
 ) -> None:
     async def write(msg: KafkaMessage) -> None:
         records: tuple[ConsumerRecord, ...] = msg.raw_message  # type: ignore[assignment]
-        events, dead = decode(records, model)
+        now_ms = int(time.time() * 1000)
+        rows, dead = [], []
+        for start in range(0, len(records), DECODE_SLICE):
+            if start:
+                await asyncio.sleep(0)  # requests run between slices of a large batch
+            events, dead_in_slice = decode(records[start : start + DECODE_SLICE], model)
+            rows += [row for event in events for row in to_rows(event, now_ms)]
+            dead += dead_in_slice
         for letter in dead:
             await publish_dead_letter(broker, letter)
-        now_ms = int(time.time() * 1000)
-        rows = [row for event in events for row in to_rows(event, now_ms)]
         if rows:
             rows, token = distinct_rows(rows, len(columns) - 1)  # all columns but ingested_at_ms
             await ch.insert_retrying(

@@ -509,9 +509,14 @@ async def get_job(*, session: AsyncSession, criterion: Criterion, job_id: str) -
     return job
 
 
+STORE_SLICE = 16
+
+
 async def store_judgements(*, session: AsyncSession, events: list[JudgementEvent]) -> int:
-    """Store verdicts from ``judgements.v1`` in one statement; ids already stored (a re-delivery)
-    are skipped. Returns how many were new."""
+    """Store verdicts from ``judgements.v1``; ids already stored (a re-delivery) are skipped.
+    Returns how many were new. Written in slices of ``STORE_SLICE`` rows, so the requests this
+    process serves run between them rather than wait for a whole batch's parameters to be made
+    on the event loop (5 ms for 60 verdicts, the judge's tail latency; bench/judge.py)."""
     rows = {
         event.judgement_id: {
             "id": event.judgement_id,
@@ -535,12 +540,17 @@ async def store_judgements(*, session: AsyncSession, events: list[JudgementEvent
     }
     if not rows:
         return 0
-    # executemany of one statement (compiled once and cached), not a VALUES list whose SQL differs
-    # with every batch size and is compiled anew each time
-    result = await session.execute(
-        _insert(session)(Judgement.__table__).on_conflict_do_nothing(), list(rows.values())
+    # One statement, compiled once and cached, run per slice (SQLAlchemy's insertmanyvalues);
+    # RETURNING counts what was new, where an executemany's rowcount is -1 on Postgres.
+    statement = (
+        _insert(session)(Judgement.__table__).on_conflict_do_nothing().returning(Judgement.__table__.c.id)
     )
-    return max(result.rowcount or 0, 0)
+    values = list(rows.values())
+    stored = 0
+    for start in range(0, len(values), STORE_SLICE):
+        result = await session.execute(statement, values[start : start + STORE_SLICE])
+        stored += len(result.all())
+    return stored
 
 
 async def list_judgements(
