@@ -117,3 +117,33 @@ async def test_stop_closes_the_connections_so_the_broker_can_exit_at_once(tmp_pa
         started = time.monotonic()
         await asyncio.to_thread(broker.stop)
     assert time.monotonic() - started < 3
+
+
+async def test_sends_without_waiting_are_on_the_topic_once_stop_returns(tansu: TansuBroker) -> None:
+    topic = f"nowait-{uuid.uuid4().hex[:8]}"
+    await ensure_topics(tansu.url, [topic])
+    producer = AckedProducer(tansu.url, timeout=10, linger_ms=200)
+    await producer.start()
+    failures: list = []
+    for i in range(120):
+        producer.send_nowait(topic, f"m{i}".encode(), key=b"k", on_failed=failures.append)
+    await producer.stop()  # flushes what is lingering
+    records = await _read_all(tansu.url, topic, 120)
+    assert sorted(r.value for r in records) == sorted(f"m{i}".encode() for i in range(120))
+    assert failures == []
+
+
+async def test_a_send_without_waiting_reports_its_failure_when_the_broker_is_down() -> None:
+    producer = AckedProducer(f"127.0.0.1:{free_port()}", timeout=1.0)
+    await producer.start()
+    failed = asyncio.get_running_loop().create_future()
+
+    def on_failed(error: object) -> None:  # on the polling thread
+        failed.get_loop().call_soon_threadsafe(failed.set_result, error)
+
+    try:
+        producer.send_nowait("logs.v1", b"{}", key=b"p", on_failed=on_failed)
+        error = await asyncio.wait_for(failed, timeout=5)
+        assert error.code() == confluent_kafka.KafkaError._MSG_TIMED_OUT
+    finally:
+        await producer.stop(timeout=1.0)

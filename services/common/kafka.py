@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -138,6 +139,28 @@ class AckedProducer:
             ) from None
         await acked
 
+    def send_nowait(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: list | None = None,
+        on_failed: Callable[[object], None],
+    ) -> None:
+        """Hand a message to librdkafka without waiting for its ack, for events nobody waits on:
+        no future, no task and no hand-off to the loop per message. ``on_failed(error)`` runs on
+        the polling thread if the message is not delivered; ``stop`` flushes what is in flight.
+        Raises ``KafkaException`` when librdkafka's queue is full."""
+        try:
+            self._producer.produce(
+                topic, value, key, on_delivery=partial(_report_failure, on_failed), headers=headers
+            )
+        except BufferError:
+            raise confluent_kafka.KafkaException(
+                confluent_kafka.KafkaError(confluent_kafka.KafkaError._QUEUE_FULL)
+            ) from None
+
     def _acked(self, acked: asyncio.Future[None], error: object, _message: object) -> None:
         self._acks.append((acked, error))  # on the polling thread; list.append is atomic
 
@@ -163,6 +186,11 @@ class AckedProducer:
                 acked.set_result(None)
             else:
                 acked.set_exception(confluent_kafka.KafkaException(error))
+
+
+def _report_failure(on_failed: Callable[[object], None], error: object, _message: object) -> None:
+    if error is not None:
+        on_failed(error)
 
 
 def all_topic_names() -> list[str]:

@@ -439,30 +439,6 @@ class Judge:
         return preference
 
 
-class JudgementRecorder:
-    """Publishes verdicts on ``judgements.v1`` off the answer path (like the router's LogShipper):
-    the caller never waits for Kafka; ``stop`` flushes what is pending."""
-
-    def __init__(self, publish: Callable[[JudgementEvent], Awaitable[object]]) -> None:
-        self._publish = publish
-        self._pending: set[asyncio.Task] = set()
-
-    def record(self, event: JudgementEvent) -> None:
-        task = asyncio.get_running_loop().create_task(self._send(event))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _send(self, event: JudgementEvent) -> None:
-        try:
-            await self._publish(event)
-        except Exception as exc:
-            log.warning("judgement %s not recorded: %s", event.judgement_id, type(exc).__name__)
-
-    async def stop(self) -> None:
-        if self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
-
-
 # --- POST /criteria/judge (fastpath.py and views.py) -------------------------------------------
 
 

@@ -4,15 +4,20 @@ judge model is called differs (the router's ChatService in process, or gRPC ``In
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
+
+from confluent_kafka import KafkaException
 
 from services.common.events import JUDGEMENTS_TOPIC, JudgementEvent, flat_event_json
 from services.common.kafka import AckedProducer
 from services.judge.criteria import CriteriaCatalog, catalog_sync
-from services.judge.service import Judge, JudgementRecorder, ModelCaller
+from services.judge.service import Judge, ModelCaller
 
 if TYPE_CHECKING:
     from services.platform import Platform
+
+log = logging.getLogger(__name__)
 
 JSON_HEADERS = [("content-type", b"application/json")]
 # Verdicts are published off the answer path, so nobody waits for their batch: sent in a few
@@ -32,23 +37,29 @@ def build_judge(platform: Platform, caller: ModelCaller) -> tuple[CriteriaCatalo
         settings.kafka_url, timeout=settings.publish_timeout_seconds, linger_ms=RECORD_LINGER_MS
     )
 
-    async def publish(event: JudgementEvent) -> None:
-        await producer.send_and_wait(
-            JUDGEMENTS_TOPIC,
-            flat_event_json(event),
-            key=event.project_id.encode(),
-            headers=JSON_HEADERS,
-        )
+    def record(event: JudgementEvent) -> None:
+        """Off the answer path: nobody waits for the ack (stopping the producer flushes)."""
 
-    recorder = JudgementRecorder(publish)
+        def not_recorded(error: object) -> None:
+            log.warning("judgement %s not recorded: %s", event.judgement_id, error)
+
+        try:
+            producer.send_nowait(
+                JUDGEMENTS_TOPIC,
+                flat_event_json(event),
+                key=event.project_id.encode(),
+                headers=JSON_HEADERS,
+                on_failed=not_recorded,
+            )
+        except KafkaException as exc:  # librdkafka's queue is full
+            not_recorded(exc)
+
     platform.on_started.append(producer.start)
-    # on_stopping runs last-added first: pending verdicts are published, then the producer stops.
     platform.on_stopping.append(producer.stop)
-    platform.on_stopping.append(recorder.stop)
     judge = Judge(
         caller,
         max_concurrency=settings.judge_project_max_concurrency,
         max_attempts=settings.judge_max_attempts,
-        recorder=recorder.record,
+        recorder=record,
     )
     return catalog, judge
