@@ -182,7 +182,7 @@ class Http1Client:
         self,
         *,
         keepalive_seconds: float = 60.0,
-        max_idle_per_origin: int = 256,
+        max_idle_per_origin: int = 1000,
         connect_timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:

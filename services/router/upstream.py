@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -160,14 +161,8 @@ class Upstream:
 
         On the lean client (``http1``): a caller's deadline bounds the whole call, otherwise each
         attempt may take up to the upstream timeout (the answer comes whole, so that is its read)."""
-        url = base_url.rstrip("/") + path
-        content = orjson.dumps(body)
-        request_headers = {"content-type": "application/json", **headers}
-        attempt = 0
-        while True:
-            attempt += 1
-            if attempt > 1:
-                metrics.ROUTER_RETRIES.labels(provider).inc()
+        url, content, request_headers = _request(base_url, path, body, headers)
+        for attempt in _attempts(provider):
             sent = time.perf_counter()
             try:
                 reply = await self.http.post(url, content, request_headers, timeout=timeout or self.timeout)
@@ -221,14 +216,8 @@ class Upstream:
         timeout: float | None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         session = self.session(base_url)
-        url = base_url.rstrip("/") + path
-        content = orjson.dumps(body)
-        request_headers = {"content-type": "application/json", **headers}
-        attempt = 0
-        while True:
-            attempt += 1
-            if attempt > 1:
-                metrics.ROUTER_RETRIES.labels(provider).inc()
+        url, content, request_headers = _request(base_url, path, body, headers)
+        for attempt in _attempts(provider):
             sent = time.perf_counter()
             try:
                 response = await session.post(
@@ -240,8 +229,8 @@ class Upstream:
             metrics.observe_upstream(provider, response.status, time.perf_counter() - sent)
             if response.status < 400:
                 break
-            headers = {name.lower(): value for name, value in response.headers.items()}
-            failed = Failed(response.status, headers, await response.read())
+            answer_headers = {name.lower(): value for name, value in response.headers.items()}
+            failed = Failed(response.status, answer_headers, await response.read())
             response.release()
             await self._wait_to_retry_failed(provider, attempt, failed)
         try:
@@ -282,6 +271,20 @@ class Upstream:
                 code="rate_limit_exceeded",
             )
         raise error_from_response(provider, failed)
+
+
+def _request(
+    base_url: str, path: str, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[str, bytes, dict[str, str]]:
+    return base_url.rstrip("/") + path, orjson.dumps(body), {"content-type": "application/json", **headers}
+
+
+def _attempts(provider: str) -> Iterator[int]:
+    """1, 2, 3, ... (the caller stops), each retry counted in the metrics."""
+    for attempt in itertools.count(1):
+        if attempt > 1:
+            metrics.ROUTER_RETRIES.labels(provider).inc()
+        yield attempt
 
 
 async def _lines(response: aiohttp.ClientResponse, provider: str) -> AsyncIterator[str]:
