@@ -330,3 +330,27 @@ async def test_post_json_reads_retry_after_from_an_error_answer() -> None:
         )
     assert result == {"choices": []} and calls == 2
     await upstream.close()
+
+
+async def test_a_stream_reads_retry_after_from_an_error_answer_too() -> None:
+    calls = 0
+
+    def reply(_: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return answer(b"{}", status="429 Too Many", headers="Retry-After: 0\r\n")
+        events = b"data: 1\n\ndata: [DONE]\n\n"
+        return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(events), events)
+
+    # a backoff of 30 s would time the test out: only Retry-After: 0 lets it answer at once
+    upstream = Upstream(timeout=5, retry=RetryPolicy(max_retries=1, base_delay=30))
+
+    async def read_stream(port: int) -> list[str]:
+        async with upstream.stream_lines("openai", f"http://127.0.0.1:{port}", "/x", {}, headers={}) as lines:
+            return [line async for line in lines]
+
+    async with serving(keep_answering(reply)) as server:
+        assert await asyncio.wait_for(read_stream(server.port), 5) == ["data: 1", "", "data: [DONE]", ""]
+    assert calls == 2
+    await upstream.close()
