@@ -3,11 +3,12 @@
     .venv/bin/python bench/upstream_client.py                  # a few seconds
     .venv/bin/python bench/upstream_client.py --requests 20000
 
-Serves a recorded chat completion from a bare asyncio server in its own process, then sends the
-same judge-sized JSON POST (a ~1 KB body, the headers a provider call carries) with the aiohttp
-session the router streams on (``Upstream.session``) and with the lean client its whole-answer
-calls use (``Upstream.http``, ``services/router/http1.py``), alternately, one at a time and 32 at
-once. Prints the client process's CPU per call and the latency p50/p99. It never asserts.
+Starts ``bench/router.py``'s instant upstream (a canned ``chat.completion`` from a bare asyncio
+server) in its own process, then sends the same judge-sized JSON POST (a ~1 KB body, the headers
+a provider call carries) with the aiohttp session the router streams on (``Upstream.session``)
+and with the lean client its whole-answer calls use (``Upstream.http``,
+``services/router/http1.py``), alternately, one at a time and 32 at once. Prints the client
+process's CPU per call and the latency p50/p99. It never asserts.
 """
 
 from __future__ import annotations
@@ -22,43 +23,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import orjson  # noqa: E402
 import uvloop  # noqa: E402
+from router import OPENAI_KEY, serve_upstream  # noqa: E402
 
 from services.common.kafka import free_port  # noqa: E402
 from services.router.upstream import RetryPolicy, Upstream  # noqa: E402
 
-ANSWER = orjson.dumps(
-    {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "model": "judge",
-        "choices": [
-            {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {
-                            "id": "call_1",
-                            "type": "function",
-                            "function": {
-                                "name": "record_judgement",
-                                "arguments": '{"explanation": "Correct.", "judgement": "PASS"}',
-                            },
-                        }
-                    ],
-                },
-                "finish_reason": "tool_calls",
-            }
-        ],
-        "usage": {"prompt_tokens": 212, "completion_tokens": 19, "total_tokens": 231},
-    }
-)
 REQUEST = {
     "model": "judge",
     "messages": [
@@ -68,35 +43,7 @@ REQUEST = {
     "tools": [{"type": "function", "function": {"name": "record_judgement", "parameters": {}}}],
     "temperature": 0,
 }
-HEADERS = {"content-type": "application/json", "authorization": "Bearer sk-bench-0123456789"}
-
-
-def serve(port: int) -> None:
-    response = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
-        len(ANSWER),
-        ANSWER,
-    )
-
-    class Answer(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-            self.pending = b""
-
-        def data_received(self, data: bytes) -> None:
-            self.pending += data
-            while (end := self.pending.find(b"\r\n\r\n")) >= 0:
-                head = self.pending[:end].lower()
-                length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
-                if len(self.pending) < end + 4 + length:
-                    return
-                self.pending = self.pending[end + 4 + length :]
-                self.transport.write(response)  # type: ignore[attr-defined]
-
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", port)
-        await server.serve_forever()
-
-    uvloop.run(main())
+HEADERS = {"content-type": "application/json", "authorization": f"Bearer {OPENAI_KEY}"}
 
 
 async def measure(
@@ -157,7 +104,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     port = free_port()
-    server = mp.get_context("spawn").Process(target=serve, args=(port,), daemon=True)
+    server = mp.get_context("spawn").Process(target=serve_upstream, args=(port,), daemon=True)
     server.start()
     try:
         time.sleep(1.0)
