@@ -398,6 +398,8 @@ async def measure(
             f"{added / one_judge:.2f}x one judge call ({one_judge * 1000:.0f} ms)"
         )
         print(lines[-1], flush=True)
+        await poster.http.close()
+        await upstream_poster.http.close()
     return lines
 
 
