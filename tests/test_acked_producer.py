@@ -147,3 +147,17 @@ async def test_a_send_without_waiting_reports_its_failure_when_the_broker_is_dow
         assert error.code() == confluent_kafka.KafkaError._MSG_TIMED_OUT
     finally:
         await producer.stop(timeout=1.0)
+
+
+async def test_a_send_without_waiting_when_the_local_queue_is_full_fails_at_once() -> None:
+    producer = AckedProducer(f"127.0.0.1:{free_port()}", timeout=2.0)
+    await producer.start()
+    failures: list = []
+    try:
+        for _ in range(100_000):  # librdkafka's queue while the broker is away
+            producer.send_nowait("judgements.v1", b"{}", key=b"p", on_failed=failures.append)
+        with pytest.raises(confluent_kafka.KafkaException) as refused:
+            producer.send_nowait("judgements.v1", b"{}", key=b"p", on_failed=failures.append)
+        assert refused.value.args[0].code() == confluent_kafka.KafkaError._QUEUE_FULL
+    finally:
+        await producer.stop(timeout=3.0)

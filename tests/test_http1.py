@@ -310,41 +310,42 @@ async def test_post_json_retries_broken_answers_then_gives_a_clear_502() -> None
     await upstream.close()
 
 
-async def test_post_json_reads_retry_after_from_an_error_answer() -> None:
-    calls = 0
+class LimitedOnce:
+    """Answers the first call with a 429 and ``Retry-After: 0``, every later one with ``then``."""
 
-    def reply(_: bytes) -> bytes:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
+    def __init__(self, then: bytes) -> None:
+        self.then = then
+        self.calls = 0
+
+    def __call__(self, _: bytes) -> bytes:
+        self.calls += 1
+        if self.calls == 1:
             return answer(
                 b'{"error": {"message": "slow down"}}', status="429 Too Many", headers="Retry-After: 0\r\n"
             )
-        return answer(b'{"choices": []}')
+        return self.then
 
-    # a backoff of 30 s would time the test out: only Retry-After: 0 lets it answer at once
-    upstream = Upstream(timeout=5, retry=RetryPolicy(max_retries=1, base_delay=30))
+
+def upstream_that_cannot_back_off() -> Upstream:
+    """A backoff of 30 s would time a test out: only an honoured ``Retry-After: 0`` answers at once."""
+    return Upstream(timeout=5, retry=RetryPolicy(max_retries=1, base_delay=30))
+
+
+async def test_post_json_reads_retry_after_from_an_error_answer() -> None:
+    reply = LimitedOnce(answer(b'{"choices": []}'))
+    upstream = upstream_that_cannot_back_off()
     async with serving(keep_answering(reply)) as server:
         result = await asyncio.wait_for(
             upstream.post_json("openai", f"http://127.0.0.1:{server.port}", "/x", {}, headers={}), 5
         )
-    assert result == {"choices": []} and calls == 2
+    assert result == {"choices": []} and reply.calls == 2
     await upstream.close()
 
 
 async def test_a_stream_reads_retry_after_from_an_error_answer_too() -> None:
-    calls = 0
-
-    def reply(_: bytes) -> bytes:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return answer(b"{}", status="429 Too Many", headers="Retry-After: 0\r\n")
-        events = b"data: 1\n\ndata: [DONE]\n\n"
-        return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(events), events)
-
-    # a backoff of 30 s would time the test out: only Retry-After: 0 lets it answer at once
-    upstream = Upstream(timeout=5, retry=RetryPolicy(max_retries=1, base_delay=30))
+    events = b"data: 1\n\ndata: [DONE]\n\n"
+    reply = LimitedOnce(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(events), events))
+    upstream = upstream_that_cannot_back_off()
 
     async def read_stream(port: int) -> list[str]:
         async with upstream.stream_lines("openai", f"http://127.0.0.1:{port}", "/x", {}, headers={}) as lines:
@@ -352,5 +353,5 @@ async def test_a_stream_reads_retry_after_from_an_error_answer_too() -> None:
 
     async with serving(keep_answering(reply)) as server:
         assert await asyncio.wait_for(read_stream(server.port), 5) == ["data: 1", "", "data: [DONE]", ""]
-    assert calls == 2
+    assert reply.calls == 2
     await upstream.close()
