@@ -137,7 +137,9 @@ class Connection(asyncio.Protocol):
         if self._headers_done and not framed:
             self._complete()  # the body ends with the connection
         else:
-            self._settle(error=ConnectionClosed("the server closed the connection before it answered"))
+            self._settle(
+                error=ConnectionClosed("the server closed the connection before its answer was complete")
+            )
 
     # httptools callbacks
 
